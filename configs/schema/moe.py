@@ -1,0 +1,19 @@
+"""Mixture-of-Experts options (configs/moe/*.yaml); used when model.mlp == "moe"."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_ffn_dim: int = 256
+    score_func: str = "softmax"  # softmax | sigmoid
+    shared_expert_ffn_dim: int = 0  # 0 = no shared expert
+    load_balancing: str = "aux_loss"  # aux_loss | aux_free | none
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    aux_free_bias_lr: float = 0.001  # DeepSeek-V3 per-expert bias update speed
+    token_rounding: bool = False  # SonicMoE: round per-expert counts to tile_m multiples
+    tile_m: int = 128
+    implementation: str = "auto"  # auto | triton | torch (reference)

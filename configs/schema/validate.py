@@ -1,0 +1,121 @@
+"""Checks that need more than a type: ranges, choices, and how fields relate. Every failure is one
+`ConfigError` naming the field and what is allowed, raised before any work starts."""
+
+import glob
+import os
+from typing import Any, Iterable, Optional
+
+
+class ConfigError(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"invalid config: {field}: {message}")
+
+
+def _choice(field: str, value: Any, allowed: Iterable) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(field, f"got {value!r}, allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(field: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(field, f"got {value}, must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _model(m) -> None:
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
+    if m.dim % m.n_heads:
+        raise ConfigError("model.n_heads", f"model.dim={m.dim} is not divisible by n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", f"head_dim={m.dim // m.n_heads} must be even for RoPE")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError("model.n_kv_heads", f"n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
+    _choice("model.mlp", m.mlp, ["swiglu", "moe"])
+    _choice("model.activation_checkpointing", m.activation_checkpointing, ["none", "attention", "full"])
+
+
+def _data(d) -> None:
+    _choice("data.source", d.source, ["stdlib", "text", "memmap"])
+    _choice("data.memmap_dtype", d.memmap_dtype, ["uint16", "uint32"])
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"got {d.val_fraction}, must be in (0, 1)")
+    _positive("data.max_corpus_bytes", d.max_corpus_bytes, allow_zero=True)
+    if d.source in ("text", "memmap"):
+        if not d.paths:
+            raise ConfigError("data.paths", f"data.source={d.source} needs at least one path or glob")
+        for field, patterns in (("data.paths", d.paths), ("data.val_paths", d.val_paths)):
+            for pattern in patterns:
+                if not glob.glob(os.path.expanduser(pattern), recursive=True):
+                    raise ConfigError(field, f"no file matches {pattern!r}")
+    if d.tokenizer != "bpe" and not os.path.isfile(os.path.expanduser(d.tokenizer)):
+        raise ConfigError("data.tokenizer", f"{d.tokenizer!r} is not a file; use 'bpe' or a tokenizer.json path")
+
+
+def _optim(o) -> None:
+    _choice("optim.name", o.name, ["adamw"])
+    _positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"got {o.min_lr_ratio}, must be in [0, 1]")
+    _choice("optim.schedule", o.schedule, ["cosine", "linear", "constant"])
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, name) < 1.0:
+            raise ConfigError(f"optim.{name}", f"got {getattr(o, name)}, must be in [0, 1)")
+
+
+def _train(t, m) -> None:
+    for name in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_batches"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError("train.seq_len", f"got {t.seq_len}, must be <= model.max_seq_len={m.max_seq_len}")
+    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    _choice("train.precision", t.precision, ["auto", "bf16", "fp32"])
+
+
+def data_parallel_size(p, world_size: int) -> int:
+    model_parallel = p.tp * p.pp * p.cp
+    return p.dp if p.dp > 0 else max(world_size // model_parallel, 1)
+
+
+def _parallel(p, t, world_size: Optional[int]) -> None:
+    for name in ("tp", "pp", "cp", "ep"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    if p.dp != -1:
+        _positive("parallel.dp", p.dp)
+    _choice("parallel.zero_stage", p.zero_stage, [0, 1, 2, 3])
+    _choice("parallel.backend", p.backend, ["auto", "nccl", "gloo"])
+    if world_size is None:
+        return
+    dp = data_parallel_size(p, world_size)
+    if p.tp * p.pp * p.cp * dp != world_size:
+        raise ConfigError(
+            "parallel", f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} must equal the world size {world_size}"
+        )
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+        )
+
+
+def validate(cfg, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError for the first illegal field. `world_size` adds the layout checks."""
+    _model(cfg.model)
+    _choice("attention.kind", cfg.attention.kind, ["dense", "sliding_window", "nsa", "moba"])
+    _data(cfg.data)
+    _optim(cfg.optim)
+    _train(cfg.train, cfg.model)
+    _parallel(cfg.parallel, cfg.train, world_size)
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
+    _positive("logging.log_every", cfg.logging.log_every)
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.resume not in ("none", "auto") and not os.path.isdir(os.path.expanduser(cfg.resume)):
+        raise ConfigError("resume", f"{cfg.resume!r} is not a checkpoint directory; use none, auto or a path")

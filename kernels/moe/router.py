@@ -1,0 +1,147 @@
+"""Router: linear gate -> softmax/sigmoid scores -> top-k -> (optional) SonicMoE token rounding.
+
+Load balancing is a config choice:
+  * "aux_loss": Switch-Transformer loss  coef * E * sum_e f_e * P_e  (f_e = share of assignments,
+    P_e = mean routing probability), differentiable through P_e.
+  * "aux_free": DeepSeek-V3 per-expert bias added to the scores for *selection only*; after each
+    training forward the bias moves by ``bias_lr * sign(mean_load - load_e)``.
+  * "none".
+The router z-loss  coef * mean(logsumexp(logits)^2)  is added whenever z_loss_coef > 0.
+Routing runs in fp32 with tensor ops only (no host loop over experts).
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .routing import Routing, routing_from_mask, routing_from_topk
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+LOAD_BALANCING = ("aux_loss", "aux_free", "none")
+
+
+def round_expert_counts(counts: torch.Tensor, tile_m: int, num_tokens: int) -> torch.Tensor:
+    """Round every expert's token count to a multiple of ``tile_m``.
+
+    Each count goes to floor or ceil of its tile multiple. Which experts go up is chosen like the
+    largest-remainder method: the ``round(sum(rem) / tile_m)`` experts with the largest remainders
+    round up (those nearest to the next multiple), the rest round down. That is "whichever is
+    nearer" for each expert up to ties, and keeps the total within tile_m / 2 of the top-k total,
+    so the mean experts per token stays within tile_m / (2 T) of k. An expert that cannot grow
+    (fewer than tile_m - rem unselected tokens left) rounds down."""
+    rem = counts % tile_m
+    base = counts - rem
+    can_grow = (rem > 0) & (base + tile_m <= num_tokens)
+    n_up = torch.round(rem.sum().double() / tile_m).long()
+    priority = torch.where(can_grow, rem, torch.full_like(rem, -1))
+    rank = torch.empty_like(counts)
+    rank[torch.argsort(priority, descending=True, stable=True)] = torch.arange(counts.numel(), device=counts.device)
+    up = can_grow & (rank < n_up)
+    return base + tile_m * up.long()
+
+
+def token_rounding_mask(select_score: torch.Tensor, topk_mask: torch.Tensor, tile_m: int) -> torch.Tensor:
+    """New (T, E) assignment mask whose per-expert counts are tile multiples.
+
+    Per expert, tokens are ranked: its top-k tokens first (by score), then the unselected ones (by
+    score). Keeping the first n_e of that ranking drops the lowest-scored selected tokens when
+    n_e < count and adds the best unselected tokens when n_e > count. A (token, expert) pair
+    appears at most once, so no token is routed twice to one expert."""
+    t = select_score.shape[0]
+    counts = topk_mask.sum(0)
+    target = round_expert_counts(counts, tile_m, t)
+    by_score = torch.argsort(select_score, dim=0, descending=True, stable=True)
+    sel_in_order = topk_mask.gather(0, by_score).to(torch.int8)
+    by_selected = torch.argsort(sel_in_order, dim=0, descending=True, stable=True)
+    order = by_score.gather(0, by_selected)  # (T, E): per expert, token ids in priority order
+    rank = torch.empty_like(order)
+    rank.scatter_(0, order, torch.arange(t, device=order.device)[:, None].expand_as(order).contiguous())
+    return rank < target[None, :]
+
+
+class Router(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        score_func: str = "softmax",
+        load_balancing: str = "aux_loss",
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        bias_lr: float = 0.001,
+        token_rounding: bool = False,
+        tile_m: int = 128,
+        norm_topk_prob: Optional[bool] = None,
+    ):
+        super().__init__()
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"moe.score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        if load_balancing not in LOAD_BALANCING:
+            raise ValueError(f"moe.load_balancing must be one of {LOAD_BALANCING}, got {load_balancing!r}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"moe.top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if tile_m < 1:
+            raise ValueError(f"moe.tile_m must be >= 1, got {tile_m}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.score_func, self.load_balancing = score_func, load_balancing
+        self.aux_loss_coef, self.z_loss_coef, self.bias_lr = aux_loss_coef, z_loss_coef, bias_lr
+        self.token_rounding, self.tile_m = token_rounding, tile_m
+        # Renormalising the k weights of one expert (k=1 softmax) would make them all 1 and cut the
+        # router off from the main loss, so that case defaults to raw probabilities.
+        if norm_topk_prob is None:
+            norm_topk_prob = score_func == "sigmoid" or top_k > 1
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, 0.0, dim**-0.5)
+        # A buffer, not a parameter: it is moved by the load rule, never by the optimizer.
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> Tuple[Routing, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+        """x: (T, dim) -> (routing plan, aux loss or None, detached stats for logging)."""
+        t, e, k = x.shape[0], self.num_experts, self.top_k
+        logits = F.linear(x.float(), self.weight.float())
+        scores = torch.softmax(logits, -1) if self.score_func == "softmax" else torch.sigmoid(logits)
+        select = scores + self.expert_bias if self.load_balancing == "aux_free" else scores
+        topk_idx = torch.topk(select.detach(), k, dim=-1).indices
+        topk_w = scores.gather(1, topk_idx)
+        denom = topk_w.sum(-1, keepdim=True) + 1e-20 if self.norm_topk_prob else None
+        if denom is not None:
+            topk_w = topk_w / denom
+
+        topk_counts = torch.zeros(e, device=x.device).scatter_add_(0, topk_idx.reshape(-1), torch.ones(t * k, device=x.device))
+        stats: Dict[str, torch.Tensor] = {}
+        if self.token_rounding:
+            topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
+            mask = token_rounding_mask(select.detach(), topk_mask, self.tile_m)
+            weight = scores / denom if denom is not None else scores
+            routing = routing_from_mask(mask, weight)
+            stats["tokens_dropped"] = (topk_mask & ~mask).sum().detach()
+            stats["tokens_added"] = (mask & ~topk_mask).sum().detach()
+        else:
+            routing = routing_from_topk(topk_idx, topk_w, e)
+            zero = torch.zeros((), dtype=torch.int64, device=x.device)
+            stats["tokens_dropped"], stats["tokens_added"] = zero, zero
+        load = routing.counts.float()
+        stats["expert_load"] = load.detach()
+        stats["experts_per_token"] = (load.sum() / max(t, 1)).detach()
+
+        aux = None
+        if self.load_balancing == "aux_loss" and self.aux_loss_coef > 0:
+            probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+            frac = topk_counts / max(t * k, 1)
+            balance = self.aux_loss_coef * e * (frac * probs.mean(0)).sum()
+            stats["balance_loss"] = balance.detach()
+            aux = balance
+        if self.z_loss_coef > 0:
+            z = self.z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+            stats["z_loss"] = z.detach()
+            aux = z if aux is None else aux + z
+        if self.load_balancing == "aux_free":
+            if self.training and torch.is_grad_enabled():
+                with torch.no_grad():
+                    self.expert_bias += self.bias_lr * torch.sign(topk_counts.mean() - topk_counts)
+            stats["expert_bias"] = self.expert_bias.detach().clone()
+        return routing, aux, stats

@@ -1,0 +1,252 @@
+"""Public entry points for block-sparse attention: argument checks, the reverse block index for
+the backward, kernel launches and the autograd.Function. Falls back to the dense-mask reference
+when Triton cannot run (plain CPU without TRITON_INTERPRET=1), so CPU users can still train.
+
+Layout: q (Z, Hq, Sq, D), k/v (Z, Hkv, Sk, D), last dim contiguous (other strides free, so the
+transposed views from SelfAttention.qkv() go in without a copy). Packed variable-length batches:
+Z = 1 and cu_seqlens (n_seq + 1,) int32 gives sequence boundaries along S; block lists are then
+(n_seq, Hkv, NQB, MAXSEL) with block numbers counted from each sequence's start.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+
+from .._triton import interpreting, triton_usable
+from .kernel_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
+from .kernel_fwd import LOG2E, _fwd_kernel
+from .reference import reference_block_sparse_attention
+
+ALLOWED_BLOCKS = (16, 32, 64, 128)
+
+
+def _check(q, k, v, block_idx, block_count, block_size, cu_q, cu_k, window):
+    if block_size not in ALLOWED_BLOCKS:
+        raise ValueError(f"block_size must be one of {ALLOWED_BLOCKS}, got {block_size}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {d}")
+    if k.shape != v.shape or k.shape[-1] != d or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must both be (batch, kv_heads, seq_k, {d}); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"q, k, v must share one dtype of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_idx.dim() != 4 or block_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_idx must be an int32/int64 tensor (batch, kv_heads, q_blocks, max_selected), got {block_idx.dtype} {tuple(block_idx.shape)}")
+    n_seq = q.shape[0] if cu_q is None else cu_q.numel() - 1
+    if cu_q is not None and q.shape[0] != 1:
+        raise ValueError("with cu_seqlens, q/k/v must be packed along seq with batch size 1")
+    if block_idx.shape[0] != n_seq or block_idx.shape[1] != k.shape[1]:
+        raise ValueError(f"block_idx must start with (n_seq={n_seq}, kv_heads={k.shape[1]}), got {tuple(block_idx.shape)}")
+    if block_count is not None and block_count.shape != block_idx.shape[:3]:
+        raise ValueError(f"block_count must have shape {tuple(block_idx.shape[:3])}, got {tuple(block_count.shape)}")
+    if cu_k is not None and (cu_q is None or cu_k.numel() != cu_q.numel()):
+        raise ValueError("cu_seqlens_k needs cu_seqlens_q with the same number of sequences")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+
+
+def reverse_block_index(block_idx: torch.Tensor, block_count: torch.Tensor, n_kv_blocks: int):
+    """CSR transpose of the block lists: for each (seq, kv head, KV block) the query blocks that
+    selected it. Returns offsets (Z*Hkv, n_kv_blocks + 1) int32 (global positions into the
+    indices) and indices (Z*Hkv*NQB*MAXSEL,) int32. One sort, no dense (NQB, NKB) matrix."""
+    z, h, nqb, maxsel = block_idx.shape
+    dev = block_idx.device
+    valid = torch.arange(maxsel, device=dev) < block_count[..., None].long()
+    kv = torch.where(valid, block_idx.long(), n_kv_blocks)  # invalid entries sort last
+    qb = torch.arange(nqb, device=dev).view(1, 1, nqb, 1)
+    key = (kv * nqb + qb).reshape(z * h, nqb * maxsel)
+    sorted_key = key.sort(dim=-1).values
+    counts = torch.zeros(z * h, n_kv_blocks + 1, dtype=torch.long, device=dev)
+    counts.scatter_add_(1, kv.reshape(z * h, -1), torch.ones_like(key))
+    offsets = torch.zeros(z * h, n_kv_blocks + 1, dtype=torch.long, device=dev)
+    offsets[:, 1:] = counts[:, :n_kv_blocks].cumsum(dim=1)
+    offsets += torch.arange(z * h, device=dev)[:, None] * (nqb * maxsel)
+    return offsets.to(torch.int32).contiguous(), (sorted_key % nqb).to(torch.int32).reshape(-1).contiguous()
+
+
+def _last_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _configs(d: int, block: int):
+    """(BLOCK_N of the forward/dQ sub-tile, BLOCK_M of the dK/dV sub-tile, warps, stages)."""
+    if interpreting():
+        return block, block, 4, 1
+    sub_n = min(block, 64)
+    sub_m = min(block, 64 if d <= 64 else 32)
+    return sub_n, sub_m, 4 if block <= 64 else 8, 3 if d <= 64 else 2
+
+
+def _meta(q, k, cu_q, cu_k, block, block_idx):
+    z = q.shape[0] if cu_q is None else cu_q.numel() - 1
+    if cu_q is None:
+        max_q, max_k = q.shape[2], k.shape[2]
+    else:
+        max_q = int((cu_q[1:] - cu_q[:-1]).max())
+        max_k = int((cu_k[1:] - cu_k[:-1]).max())
+    nqb = -(-max_q // block)
+    if block_idx.shape[2] < nqb:
+        raise ValueError(f"block_idx has {block_idx.shape[2]} query blocks; sequences of {max_q} tokens need {nqb}")
+    nkb = -(-max_k // block)
+    return z, nqb, nkb
+
+
+def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset):
+    zq, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    z, nqb, _ = _meta(q, k, cu_q, cu_k, block, idx)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((zq, hq, sq), dtype=torch.float32, device=q.device)
+    sub_n, _, warps, stages = _configs(d, block)
+    dummy = cnt  # any int32 tensor stands in for absent cu_seqlens
+    grid = (nqb, z * hq)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, idx, cnt,
+        cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+        sq, sk, sm_scale * LOG2E, window or 0,
+        HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
+        K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset,
+              deterministic):
+    zq, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    z, nqb, nkb = _meta(q, k, cu_q, cu_k, block, idx)
+    sub_n, sub_m, warps, stages = _configs(d, block)
+    do = _last_contig(do)
+    delta = (do.float() * o.float()).sum(-1)  # (Zq, Hq, Sq), same strides as lse
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if deterministic:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    idx_full = idx.expand(z, hkv, *idx.shape[2:])
+    cnt_full = cnt.expand(z, hkv, cnt.shape[2])
+    rev_off, rev_idx = reverse_block_index(idx_full, cnt_full, nkb)
+    dummy = cnt
+    cu_q_arg = cu_q if cu_q is not None else dummy
+    cu_k_arg = cu_k if cu_k is not None else dummy
+    _bwd_dkdv_kernel[(nkb, z * hkv)](
+        q, k, v, do, lse, delta, dk, dv, dq, rev_off, rev_idx, cu_q_arg, cu_k_arg,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), rev_off.stride(0),
+        sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
+        HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
+        K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
+        ATOMIC_DQ=not deterministic, num_warps=warps, num_stages=stages,
+    )
+    if deterministic:
+        _bwd_dq_kernel[(nqb, z * hq)](
+            q, k, v, do, lse, delta, dq, idx, cnt, cu_q_arg, cu_k_arg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
+            idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+            sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
+            HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
+            K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
+            num_warps=warps, num_stages=stages,
+        )
+    else:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset, deterministic):
+        o, lse = _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset)
+        ctx.save_for_backward(q, k, v, o, lse, idx, cnt, cu_q, cu_k)
+        ctx.args = (block, window, sm_scale, key_stride, key_offset, deterministic)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, idx, cnt, cu_q, cu_k = ctx.saved_tensors
+        block, window, sm_scale, key_stride, key_offset, deterministic = ctx.args
+        dq, dk, dv = _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale,
+                               key_stride, key_offset, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+def sparse_attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_count: Optional[torch.Tensor],
+    block_size: int,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    window: Optional[int] = None,
+    sm_scale: Optional[float] = None,
+    key_stride: int = 1,
+    key_offset: int = 0,
+    deterministic: bool = False,
+):
+    """Block-sparse attention with every option; returns (out, lse). lse is (Z, Hq, Sq) fp32,
+    natural log, -inf for rows with no visible key (their output is 0). key_stride/key_offset
+    place key n at position n*key_stride + key_offset (NSA's compressed keys)."""
+    _check(q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window)
+    if cu_seqlens_q is not None and cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    if block_count is None:
+        block_count = torch.full(block_idx.shape[:3], block_idx.shape[3], dtype=torch.int32, device=block_idx.device)
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    if q.dtype == torch.float64 or not triton_usable(q, k, v):
+        return reference_block_sparse_attention(
+            q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window, sm_scale,
+            key_stride, key_offset,
+        )
+    idx = _last_contig(block_idx.to(torch.int32))
+    cnt = _last_contig(block_count.to(torch.int32))
+    cu_q = None if cu_seqlens_q is None else cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = None if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32).contiguous()
+    return _BlockSparseAttention.apply(
+        _last_contig(q), _last_contig(k), _last_contig(v), idx, cnt, block_size, cu_q, cu_k,
+        window, float(sm_scale), key_stride, key_offset, deterministic,
+    )
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_count: Optional[torch.Tensor] = None,
+    block_size: int = 64,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    window: Optional[int] = None,
+    sm_scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Causal block-sparse attention. Query block i of KV head h's group attends the KV blocks
+    block_idx[z, h, i, :block_count[z, h, i]] (all entries if block_count is None), causally
+    masked inside each block (and to `window` tokens if given). Entries must be distinct.
+    Returns out (like q), or (out, lse) with return_lse."""
+    out, lse = sparse_attention_core(
+        q, k, v, block_idx, block_count, block_size, cu_seqlens, None, window, sm_scale,
+        deterministic=deterministic,
+    )
+    return (out, lse) if return_lse else out

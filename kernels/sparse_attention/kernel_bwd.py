@@ -1,0 +1,152 @@
+"""Triton backward for block-sparse attention, without dense masks.
+
+dK/dV (Flash Sparse Attention ordering): one program per (KV block, sequence * KV head). The
+KV tile stays in registers while the program walks every query head of the GQA group and every
+query block that selected this KV block (a reverse index built from the block lists, see
+function.py), so dK/dV are accumulated once and written once: no atomics, and small GQA groups
+still fill the tensor cores along the query dimension.
+
+dQ: either added from the same program with fp32 atomics (fast, order-dependent in the last
+bits), or, with `deterministic`, computed by a separate program per (query block, query head)
+that re-walks the forward's block list (fixed order, bitwise reproducible).
+"""
+
+import triton
+import triton.language as tl
+
+from .kernel_fwd import _seq_bounds
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, REV_OFF, REV_IDX, CU_Q, CU_K,
+    sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, sdoz, sdoh, sdos, slz, slh,
+    sdkz, sdkh, sdks, sdvz, sdvh, sdvs, sdqz, sdqh, sdqs, srev,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    z = pid // HKV
+    hkv = pid % HKV
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
+    if pid_n * BLOCK >= k_len:
+        return
+    if VARLEN:
+        bz = z.to(tl.int64) * 0
+    else:
+        bz = z.to(tl.int64)
+
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    n_valid = offs_n < k_len
+    kpos = offs_n * K_STRIDE + K_OFF
+    k = tl.load(K + bz * skz + hkv * skh + (k_start + offs_n)[:, None] * sks + offs_d[None, :],
+                mask=n_valid[:, None], other=0.0)
+    v = tl.load(V + bz * svz + hkv * svh + (k_start + offs_n)[:, None] * svs + offs_d[None, :],
+                mask=n_valid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+
+    rev_row = REV_OFF + (z * HKV + hkv) * srev + pid_n
+    r0 = tl.load(rev_row)
+    r1 = tl.load(rev_row + 1)
+    for g in range(G):
+        h = hkv * G + g
+        q_base = Q + bz * sqz + h * sqh + q_start * sqs
+        do_base = DO + bz * sdoz + h * sdoh + q_start * sdos
+        l_base = LSE + bz * slz + h * slh + q_start
+        d_base = DELTA + bz * slz + h * slh + q_start
+        for j in range(r0, r1):
+            qb = tl.load(REV_IDX + j)
+            for c in tl.static_range(0, BLOCK, BLOCK_M):
+                offs_m = qb * BLOCK + c + tl.arange(0, BLOCK_M)
+                m_valid = offs_m < q_len
+                q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+                lse = tl.load(l_base + offs_m, mask=m_valid, other=float("inf"))
+                # rows that saw no key have lse -inf; +inf makes their p exactly 0
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+                delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
+                s_t = tl.dot(k, tl.trans(q)) * qk_scale
+                keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
+                if HAS_WINDOW:
+                    keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
+                p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do)
+                dp_t = tl.dot(v, tl.trans(do))
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q)
+                if ATOMIC_DQ:
+                    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+                    dq_ptrs = DQ + bz * sdqz + h * sdqh + (q_start + offs_m)[:, None] * sdqs + offs_d[None, :]
+                    tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None])
+
+    dk = dk * sm_scale
+    tl.store(DK + bz * sdkz + hkv * sdkh + (k_start + offs_n)[:, None] * sdks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
+    tl.store(DV + bz * sdvz + hkv * sdvh + (k_start + offs_n)[:, None] * sdvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, CU_Q, CU_K,
+    sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, sdoz, sdoh, sdos, slz, slh, sdqz, sdqh, sdqs,
+    siz, sih, sim, scz, sch,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    z = pid // HQ
+    h = pid % HQ
+    hkv = h // G
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
+    if pid_m * BLOCK >= q_len:
+        return
+    if VARLEN:
+        bz = z.to(tl.int64) * 0
+    else:
+        bz = z.to(tl.int64)
+
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    m_valid = offs_m < q_len
+    rows = (q_start + offs_m)[:, None]
+    q = tl.load(Q + bz * sqz + h * sqh + rows * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + bz * sdoz + h * sdoh + rows * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    lse = tl.load(LSE + bz * slz + h * slh + q_start + offs_m, mask=m_valid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bz * slz + h * slh + q_start + offs_m, mask=m_valid, other=0.0)
+    k_base = K + bz * skz + hkv * skh + k_start * sks
+    v_base = V + bz * svz + hkv * svh + k_start * svs
+    dq = tl.zeros([BLOCK, D], dtype=tl.float32)
+
+    idx_base = IDX + z * siz + hkv * sih + pid_m * sim
+    cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
+    for i in range(cnt):
+        kb = tl.load(idx_base + i)
+        for c in tl.static_range(0, BLOCK, BLOCK_N):
+            offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < k_len
+            k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            kpos = offs_n * K_STRIDE + K_OFF
+            keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
+            if HAS_WINDOW:
+                keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    tl.store(DQ + bz * sdqz + h * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=m_valid[:, None])

@@ -1,0 +1,95 @@
+"""Triton forward for block-sparse attention (online softmax over the listed KV blocks).
+
+One program per (query block, sequence * query head). It loads its query tile once, walks the
+KV blocks its KV head's list names for this query block and keeps the running max / sum in
+base 2. Writes the output and the natural-log LSE (-inf for rows that saw no key).
+Masking (causal by key position, optional window, sequence end) is applied on every tile: it
+costs a few vector ops and keeps the kernel correct for any list.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of sequence z; packed sequences read cu_seqlens."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + z)
+        q_len = tl.load(CU_Q + z + 1) - q_start
+        k_start = tl.load(CU_K + z)
+        k_len = tl.load(CU_K + z + 1) - k_start
+    else:
+        q_start = z * 0
+        q_len = seqlen_q + z * 0
+        k_start = z * 0
+        k_len = seqlen_k + z * 0
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, IDX, CNT, CU_Q, CU_K,
+    sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, soz, soh, sos, slz, slh,
+    siz, sih, sim, scz, sch,
+    seqlen_q, seqlen_k, qk_scale, window,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    z = pid // HQ
+    h = pid % HQ
+    hkv = h // G
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
+    if pid_m * BLOCK >= q_len:
+        return
+    # packed sequences live in batch row 0; otherwise the sequence is the batch row
+    if VARLEN:
+        bz = z.to(tl.int64) * 0
+    else:
+        bz = z.to(tl.int64)
+
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    m_valid = offs_m < q_len
+    q_ptrs = Q + bz * sqz + h * sqh + (q_start + offs_m)[:, None] * sqs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
+    k_base = K + bz * skz + hkv * skh + k_start * sks
+    v_base = V + bz * svz + hkv * svh + k_start * svs
+
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, D], dtype=tl.float32)
+    idx_base = IDX + z * siz + hkv * sih + pid_m * sim
+    cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
+    for i in range(cnt):
+        kb = tl.load(idx_base + i)
+        for c in tl.static_range(0, BLOCK, BLOCK_N):
+            offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < k_len
+            k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            kpos = offs_n * K_STRIDE + K_OFF
+            keep = n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
+            if HAS_WINDOW:
+                keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = O + bz * soz + h * soh + (q_start + offs_m)[:, None] * sos + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None])
+    tl.store(LSE + bz * slz + h * slh + q_start + offs_m, lse, mask=m_valid)

@@ -1,0 +1,234 @@
+"""The training loop: one process or many (torchrun), CPU or GPU, resumable to the step."""
+
+import contextlib
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from sparsetron.configs.schema.validate import validate
+from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
+
+from . import checkpoint as ckpt
+from .data import Data, ResumableSampler, build_data
+from .loader import Prefetcher
+from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses
+from .model import Llama
+from .optim import build_optimizer, lr_at
+
+MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
+
+
+def autocast_context(cfg, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class Trainer:
+    def __init__(self, cfg, runtime: Runtime):
+        self.cfg, self.rt = cfg, runtime
+        self.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
+        self.ckpt_root = os.path.join(self.run_dir, cfg.checkpoint.dir)
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        resume_from = self._resume_path()  # before any work: a bad path fails fast
+        torch.manual_seed(t.seed)
+        self.data: Data = build_data(cfg, runtime, self.run_dir)
+        self.model = Llama(cfg.model, cfg.attention, cfg.moe).to(runtime.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
+        self.dp_size = runtime.world_size  # plain data parallel; parallel/ narrows this for TP/PP
+        self.sampler = ResumableSampler(
+            len(self.data.train), t.global_batch_size, t.micro_batch_size, runtime.rank, self.dp_size, t.seed
+        )
+        self.step = 0
+        if resume_from:
+            self._load(resume_from)
+        if t.compile:
+            for block in self.model.layers:
+                block.compile()
+        self.ddp = self._wrap(self.model)
+        self.autocast = autocast_context(cfg, runtime.device)
+        n_params = self.model.num_params()
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len, n_params, self.model.embed.weight.numel())
+        self.peak = peak_flops(runtime.device)
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.sink = MetricsSink(cfg, self.run_dir, runtime.is_main, self.step, t.max_steps)
+        if runtime.is_main:
+            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"))
+            print(f"sparsetron: {n_params / 1e6:.1f}M params, {len(self.data.train)} train / {len(self.data.val)} "
+                  f"val samples of {t.seq_len} tokens, world {runtime.world_size}, device {runtime.device}, "
+                  f"run dir {self.run_dir}" + (f", resumed at step {self.step}" if resume_from else ""), flush=True)
+
+    # ----------------------------------------------------------------------------------- setup
+    def _resume_path(self) -> Optional[str]:
+        mode = self.cfg.resume
+        if mode == "none":
+            return None
+        if mode == "auto":
+            return ckpt.latest(self.ckpt_root)
+        path = os.path.abspath(os.path.expanduser(mode))
+        ckpt.check_complete(path)
+        return path
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.rt.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _load(self, path: str) -> None:
+        ckpt.check_complete(path)
+        state = ckpt.read_json(path, "trainer_state.json")
+        current = OmegaConf.to_container(self.cfg.model, resolve=True)
+        ckpt.check_model_config(path, state.get("model", {}), current)
+        ckpt.load_model_weights(self.model, ckpt.read_tensors(path, "model.safetensors"), path)
+        try:
+            self.optimizer.load_state_dict(ckpt.read_torch(path, "optimizer.pt", self.rt.device))
+        except (ValueError, KeyError) as err:
+            raise ckpt.CheckpointError(f"{path}/optimizer.pt does not fit this optimizer ({err})") from None
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise ckpt.CheckpointError(f"{path}/trainer_state.json: {err}") from None
+        rng = ckpt.read_torch(path, "rng.pt")
+        torch.set_rng_state(rng["cpu"])
+        if self.rt.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.rt.device)
+        self.step = state["step"]
+
+    def save(self) -> None:
+        if self.rt.is_main:
+            self.sampler.consumed_samples = self.step * self.cfg.train.global_batch_size
+            rng = {"cpu": torch.get_rng_state()}
+            if self.rt.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+            model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
+            files = {
+                "model.safetensors": ckpt.unique_tensors(self.model.state_dict()),
+                "optimizer.pt": self.optimizer.state_dict(),
+                "rng.pt": rng,
+                "trainer_state.json": {
+                    "step": self.step,
+                    "sampler": self.sampler.state_dict(),
+                    "model": {k: model_cfg[k] for k in MODEL_KEYS},
+                    "world_size": self.rt.world_size,
+                },
+                "config.yaml": OmegaConf.to_yaml(self.cfg),
+            }
+            ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last)
+        self.rt.barrier()
+
+    # ---------------------------------------------------------------------------------- steps
+    def _micro_batches(self, step: int):
+        return [self.data.train.batch(idx) for idx in self.sampler.indices(step)]
+
+    def train_step(self, batches) -> Dict[str, float]:
+        self.ddp.train()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.rt.device)
+        n = len(batches)
+        for i, (x, y) in enumerate(batches):
+            sync = i == n - 1 or not self.rt.distributed
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
+                loss = self.ddp(x, y)
+                aux = self.model.aux_loss()
+                objective = loss if aux is None else loss + aux
+            (objective / n).backward()
+            total += loss.detach()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.rt.all_reduce_mean(total / n)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.ddp.eval()
+        t = self.cfg.train
+        val = self.data.val
+        per_rank = [
+            [(k * self.dp_size + self.rt.rank) * t.micro_batch_size + j for j in range(t.micro_batch_size)]
+            for k in range(t.eval_batches)
+        ]
+        total = torch.zeros((), device=self.rt.device)
+        for idx in per_rank:
+            x, y = val.batch([i % len(val) for i in idx])
+            with self.autocast():
+                total += self.model(x.to(self.rt.device), y.to(self.rt.device)).float()
+        return self.rt.all_reduce_mean(total / len(per_rank)).item()
+
+    def fit(self) -> Dict[str, float]:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        prefetch = Prefetcher(self._micro_batches, self.rt.device, self.cfg.data.prefetch)
+        summary: Dict[str, float] = {"start_step": self.step}
+        try:
+            if self.step == 0 and t.eval_every:
+                summary["first_val_loss"] = self._log_val()
+            while self.step < t.max_steps:
+                start = time.perf_counter()
+                batches = prefetch.get(self.step)
+                metrics = self.train_step(batches)
+                if self.rt.device.type == "cuda":
+                    torch.cuda.synchronize(self.rt.device)
+                dt = time.perf_counter() - start
+                self.step += 1
+                record = {"kind": "train", "step": self.step, **metrics, "step_time_s": dt,
+                          "tokens_per_s": self.tokens_per_step / dt, "mem_gib": peak_memory_gib(self.rt.device)}
+                if self.peak:
+                    record["mfu"] = self.flops_per_token * self.tokens_per_step / dt / (self.peak * self.rt.world_size)
+                if self.step % self.cfg.logging.log_every == 0 or self.step == t.max_steps:
+                    self.sink.log(record)
+                summary.update(loss=metrics["loss"], tokens_per_s=record["tokens_per_s"], mfu=record.get("mfu", 0.0))
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                    summary["final_val_loss"] = self._log_val()
+                if c.every and self.step % c.every == 0 and self.step < t.max_steps:
+                    self.save()
+            if c.save_final:
+                self.save()
+        finally:
+            prefetch.close()
+            self.sink.close()
+        if self.rt.is_main and self.cfg.logging.plot:
+            plot_losses(self.run_dir)
+        summary["step"] = self.step
+        return summary
+
+    def _log_val(self) -> float:
+        val = self.evaluate()
+        self.sink.log({"kind": "val", "step": self.step, "loss": val})
+        return val
+
+
+def train(cfg) -> Dict[str, float]:
+    """Validate, start the runtime, train, shut down. Returns a summary (losses, throughput)."""
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    runtime = init_runtime(cfg.train.device, cfg.parallel.backend)
+    try:
+        return Trainer(cfg, runtime).fit()
+    finally:
+        shutdown(runtime)
+
+
+def user_errors() -> tuple:
+    """Exceptions that are the user's input (config, data, checkpoint): reported as one line."""
+    from sparsetron.configs.schema.validate import ConfigError
+
+    from .data import DataError
+
+    return (ConfigError, DataError, ckpt.CheckpointError)
+
+
+__all__: List[str] = ["Trainer", "train", "user_errors"]
