@@ -156,19 +156,18 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over the first eval_batches * global_batch_size validation samples: the same set
+        whatever the layout, split over data-parallel ranks in micro-batches."""
         self.ddp.eval()
-        t = self.cfg.train
-        val = self.data.val
-        per_rank = [
-            [(k * self.dp_size + self.rt.rank) * t.micro_batch_size + j for j in range(t.micro_batch_size)]
-            for k in range(t.eval_batches)
-        ]
+        t, val = self.cfg.train, self.data.val
+        chunk = t.micro_batch_size * self.dp_size
+        n = min(t.eval_batches * t.global_batch_size, len(val) // chunk * chunk) or chunk
         total = torch.zeros((), device=self.rt.device)
-        for idx in per_rank:
-            x, y = val.batch([i % len(val) for i in idx])
+        for start in range(self.rt.rank * t.micro_batch_size, n, chunk):
+            x, y = val.batch([i % len(val) for i in range(start, start + t.micro_batch_size)])
             with self.autocast():
                 total += self.model(x.to(self.rt.device), y.to(self.rt.device)).float()
-        return self.rt.all_reduce_mean(total / len(per_rank)).item()
+        return self.rt.all_reduce_mean(total / (n // chunk)).item()
 
     def fit(self) -> Dict[str, float]:
         t, c = self.cfg.train, self.cfg.checkpoint

@@ -79,8 +79,11 @@ def is_validation(doc: Document, val_fraction: float) -> bool:
 
 
 def split(docs: List[Document], val_fraction: float) -> Tuple[List[Document], List[Document]]:
-    train = [d for d in docs if not is_validation(d, val_fraction)]
     val = [d for d in docs if is_validation(d, val_fraction)]
+    if not val and len(docs) > 1:  # a small corpus: hold out the one document with the smallest hash
+        val = [min(docs, key=lambda d: zlib.crc32(d.name.encode()))]
+    held = set(val)
+    train = [d for d in docs if d not in held]
     if not train or not val:
         raise DataError(f"data.val_fraction={val_fraction} leaves an empty split of {len(docs)} documents")
     return train, val

@@ -1,0 +1,81 @@
+"""End-to-end: the training app as a user runs it (subprocesses), on the default data."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sparsetron.tests.helpers import TINY, run_cli
+
+from sparsetron.train.metrics import read_metrics
+
+
+def _losses(run_dir, kind="train"):
+    m = read_metrics(str(run_dir))[kind]
+    return [m[s]["loss"] for s in sorted(m)]
+
+
+def test_loss_falls_on_default_data(tmp_path):
+    run = tmp_path / "run"
+    run_cli([*TINY, f"run_dir={run}", "train.max_steps=40", "train.eval_every=20", "logging.plot=true"])
+    val = read_metrics(str(run))["val"]
+    assert val[40]["loss"] < val[0]["loss"] - 1.0, val
+    assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "checkpoints" / "step_00000040" / "COMPLETE").exists()
+
+
+def test_two_ranks_match_one_rank(tmp_path):
+    """torchrun with 2 gloo ranks (micro 4, no accumulation) = 1 process (micro 4, 2 accumulation steps)."""
+    common = [*TINY, "train.max_steps=5", "train.eval_every=5", "checkpoint.every=0"]
+    run_cli([*common, f"run_dir={tmp_path / 'one'}"])
+    run_cli([*common, f"run_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-5 * abs(a), (one, two)
+    assert abs(_losses(tmp_path / "one", "val")[-1] - _losses(tmp_path / "two", "val")[-1]) < 1e-4
+
+
+def test_kill_9_then_resume_auto_reproduces_losses_exactly(tmp_path):
+    common = [*TINY, "train.max_steps=14", "train.eval_every=0", "checkpoint.every=4", "checkpoint.keep_last=2"]
+    run_cli([*common, f"run_dir={tmp_path / 'straight'}"])
+    reference = _losses(tmp_path / "straight")
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sparsetron.train", *common, f"run_dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline:  # kill after the step-8 checkpoint, mid-way to the next one
+        if (run / "checkpoints" / "step_00000008" / "COMPLETE").exists() and metrics.exists() \
+                and metrics.read_text().count('"kind": "train"') >= 9:
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_losses(run)) < 14
+
+    out = run_cli([*common, f"run_dir={run}", "resume=auto"])
+    assert "resumed at step 8" in out.stdout
+    assert _losses(run) == reference  # bit-exact
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run = tmp_path / "run"
+    run_cli([*TINY, f"run_dir={run}", "train.max_steps=2", "train.eval_every=0"])
+    out = run_cli([*TINY, f"run_dir={run}", "train.max_steps=4", "resume=auto", "model.ffn_dim=192"], check=False)
+    assert out.returncode == 2
+    assert "model.ffn_dim=128" in out.stderr and "Traceback" not in out.stderr
+    assert (run / "checkpoints" / "step_00000002" / "COMPLETE").exists()  # nothing lost
+
+
+@pytest.mark.slow
+def test_multirun_sweep(tmp_path):
+    out = run_cli(["-m", *TINY, "train.max_steps=2", "train.eval_every=0", "checkpoint.save_final=false",
+                   "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=str(tmp_path))
+    for job in ("0", "1"):
+        assert len(_losses(tmp_path / "sweep" / job)) == 2, out.stdout
