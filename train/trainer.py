@@ -1,6 +1,5 @@
 """The training loop: one process or many (torchrun), CPU or GPU, resumable to the step."""
 
-import contextlib
 import os
 import time
 from typing import Dict, List, Optional
@@ -9,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsetron.configs.schema.validate import validate
+from sparsetron.parallel.engine import build_engine
 from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
 
 from . import checkpoint as ckpt
@@ -16,18 +16,9 @@ from .data import Data, ResumableSampler, build_data
 from .loader import Prefetcher
 from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses
 from .model import Llama
-from .optim import build_optimizer, lr_at
+from .optim import lr_at
 
 MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
-
-
-def autocast_context(cfg, device: torch.device):
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 class Trainer:
@@ -41,20 +32,17 @@ class Trainer:
         resume_from = self._resume_path()  # before any work: a bad path fails fast
         torch.manual_seed(t.seed)
         self.data: Data = build_data(cfg, runtime, self.run_dir)
-        self.model = Llama(cfg.model, cfg.attention, cfg.moe).to(runtime.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
-        self.dp_size = runtime.world_size  # plain data parallel; parallel/ narrows this for TP/PP
+        self.engine = build_engine(Llama(cfg.model, cfg.attention, cfg.moe), cfg, runtime)
+        self.model = self.engine.model
         self.sampler = ResumableSampler(
-            len(self.data.train), t.global_batch_size, t.micro_batch_size, runtime.rank, self.dp_size, t.seed
+            len(self.data.train), t.global_batch_size, t.micro_batch_size, self.engine.dp_rank,
+            self.engine.dp_size, t.seed,
         )
         self.step = 0
         if resume_from:
             self._load(resume_from)
         if t.compile:
-            for block in self.model.layers:
-                block.compile()
-        self.ddp = self._wrap(self.model)
-        self.autocast = autocast_context(cfg, runtime.device)
+            self.engine.compile_blocks()
         n_params = self.model.num_params()
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len, n_params, self.model.embed.weight.numel())
         self.peak = peak_flops(runtime.device)
@@ -77,25 +65,13 @@ class Trainer:
         ckpt.check_complete(path)
         return path
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if not self.rt.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-
     # ----------------------------------------------------------------------------- checkpoints
     def _load(self, path: str) -> None:
         ckpt.check_complete(path)
         state = ckpt.read_json(path, "trainer_state.json")
         current = OmegaConf.to_container(self.cfg.model, resolve=True)
         ckpt.check_model_config(path, state.get("model", {}), current)
-        ckpt.load_model_weights(self.model, ckpt.read_tensors(path, "model.safetensors"), path)
-        try:
-            self.optimizer.load_state_dict(ckpt.read_torch(path, "optimizer.pt", self.rt.device))
-        except (ValueError, KeyError) as err:
-            raise ckpt.CheckpointError(f"{path}/optimizer.pt does not fit this optimizer ({err})") from None
+        self.engine.load_checkpoint(path)
         try:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as err:
@@ -114,8 +90,7 @@ class Trainer:
                 rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
             model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
             files = {
-                "model.safetensors": ckpt.unique_tensors(self.model.state_dict()),
-                "optimizer.pt": self.optimizer.state_dict(),
+                **self.engine.checkpoint_files(),
                 "rng.pt": rng,
                 "trainer_state.json": {
                     "step": self.step,
@@ -133,40 +108,21 @@ class Trainer:
         return [self.data.train.batch(idx) for idx in self.sampler.indices(step)]
 
     def train_step(self, batches) -> Dict[str, float]:
-        self.ddp.train()
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.rt.device)
-        n = len(batches)
-        for i, (x, y) in enumerate(batches):
-            sync = i == n - 1 or not self.rt.distributed
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self.autocast():
-                loss = self.ddp(x, y)
-                aux = self.model.aux_loss()
-                objective = loss if aux is None else loss + aux
-            (objective / n).backward()
-            total += loss.detach()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.rt.all_reduce_mean(total / n)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item()}
+        return {**self.engine.train_step(batches, lr), "lr": lr}
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first eval_batches * global_batch_size validation samples: the same set
         whatever the layout, split over data-parallel ranks in micro-batches."""
-        self.ddp.eval()
         t, val = self.cfg.train, self.data.val
-        chunk = t.micro_batch_size * self.dp_size
+        dp_rank, dp_size = self.engine.dp_rank, self.engine.dp_size
+        chunk = t.micro_batch_size * dp_size
         n = min(t.eval_batches * t.global_batch_size, len(val) // chunk * chunk) or chunk
         total = torch.zeros((), device=self.rt.device)
-        for start in range(self.rt.rank * t.micro_batch_size, n, chunk):
+        for start in range(dp_rank * t.micro_batch_size, n, chunk):
             x, y = val.batch([i % len(val) for i in range(start, start + t.micro_batch_size)])
-            with self.autocast():
-                total += self.model(x.to(self.rt.device), y.to(self.rt.device)).float()
+            total += self.engine.eval_loss(x.to(self.rt.device), y.to(self.rt.device))
         return self.rt.all_reduce_mean(total / (n // chunk)).item()
 
     def fit(self) -> Dict[str, float]:
