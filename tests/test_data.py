@@ -69,7 +69,7 @@ def test_text_and_jsonl_user_data(tmp_path):
 def test_jsonl_missing_field_names_the_file(tmp_path):
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": "x" * 50}) for _ in range(40)))
     cfg = _cfg(tmp_path, source="text", paths=[str(tmp_path / "c.jsonl")], val_fraction=0.3)
-    with pytest.raises(DataError, match="c.jsonl:1.*jsonl_field"):
+    with pytest.raises(DataError, match=r"c.jsonl:\d+: .*data.jsonl_field"):
         build_data(cfg, Runtime(), str(tmp_path / "run"))
 
 
