@@ -81,10 +81,16 @@ def ce_rows_(logits: torch.Tensor, targets: torch.Tensor, loss_out: torch.Tensor
 
 
 def default_chunk_size(n_rows: int, vocab: int, dim: int) -> int:
-    """Rows per chunk so the (chunk, V) logits buffer is about the size of the (N, D) hidden
-    states (Liger's rule), a power of two in [64, 8192], never more than needed."""
+    """Rows per logits chunk: Liger's rule (the (chunk, V) buffer about the size of the (N, D)
+    hidden states), but at least 1024 rows, at most 8192, never beyond what N needs.
+
+    Why the 1024 floor: every chunk's dW += dlogits^T @ h reads and writes all of dW (V x D), so
+    its arithmetic intensity is ~chunk/2 FLOP/byte; below ~1K rows that addmm is memory-bound.
+    Measured on H200 (N=8192, D=4096, V=128256, bf16) with Liger's rule alone (256-row chunks):
+    fwd+bwd 59.5 ms vs 38.4 ms for torch.compile of the reference; the floor cuts the dW traffic
+    4x (the logits buffer is then 1024 x V, 250 MiB in bf16 at V=128K)."""
     chunk = triton.next_power_of_2(max(1, triton.cdiv(n_rows, triton.cdiv(vocab, dim))))
-    return max(1, min(max(chunk, 64), 8192, triton.next_power_of_2(n_rows)))
+    return max(1, min(max(chunk, 1024), 8192, triton.next_power_of_2(max(n_rows, 1))))
 
 
 def linear_cross_entropy_forward(hidden, weight, targets, ignore_index, chunk_size, need_dh, need_dw, block_v=None):

@@ -27,8 +27,8 @@ def _rms_norm_fwd_kernel(
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        # add in fp32 and round once, as torch does for bf16 + bf16
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        # add in fp32 and round once to h's dtype (the promotion of x's and r's), as torch does
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, h, mask=mask)
     else:
         h = x
@@ -36,7 +36,7 @@ def _rms_norm_fwd_kernel(
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / n_cols + eps)
     tl.store(RSTD + row, rstd)
     # cast the normalized row to the input dtype before the weight multiply (HF Llama semantics)
-    normed = (hf * rstd).to(X.dtype.element_ty).to(tl.float32)
+    normed = (hf * rstd).to(H.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (normed * w).to(Y.dtype.element_ty), mask=mask)
 
@@ -80,16 +80,19 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, residual2d=None):
-    """x2d, residual2d: (M, D) with unit last stride. Returns (y, h or None, rstd)."""
+    """x2d, residual2d: (M, D) with unit last stride. Returns (y, h or None, rstd); h's dtype is the
+    promotion of x's and residual's, y's that of h's and weight's (torch's type promotion)."""
     m, d = x2d.shape
-    out_dtype = torch.promote_types(x2d.dtype, weight.dtype)
+    h_dtype = x2d.dtype if residual2d is None else torch.promote_types(x2d.dtype, residual2d.dtype)
+    out_dtype = torch.promote_types(h_dtype, weight.dtype)
     y = torch.empty((m, d), dtype=out_dtype, device=x2d.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x2d.device)
-    h = torch.empty_like(x2d) if residual2d is not None else None
+    h = torch.empty((m, d), dtype=h_dtype, device=x2d.device) if residual2d is not None else None
     block, warps = _block_and_warps(d)
     if m:
         _rms_norm_fwd_kernel[(m,)](
-            x2d, residual2d if residual2d is not None else x2d, weight, y, h if h is not None else y, rstd,
+            # without a residual, H aliases X: only its dtype is used (nothing is stored to it)
+            x2d, residual2d if residual2d is not None else x2d, weight, y, h if h is not None else x2d, rstd,
             x2d.stride(0), residual2d.stride(0) if residual2d is not None else 0, y.stride(0),
             h.stride(0) if h is not None else 0,
             d, eps,

@@ -1,7 +1,8 @@
 """Plain-PyTorch RMSNorm (+ optional residual add), the semantics the Triton kernel must match.
 
-Same maths as `sparsetron.train.model.norm.RMSNorm`: normalize in float32, cast back to x's dtype,
-THEN multiply by the weight (so the output dtype is the promotion of x's and the weight's dtypes).
+Same maths as `sparsetron.train.model.norm.RMSNorm`: normalize in float32, cast back to the dtype of
+h (x, or x + residual), THEN multiply by the weight (the output dtype is torch's promotion of h's and
+the weight's dtypes).
 """
 
 from typing import Optional

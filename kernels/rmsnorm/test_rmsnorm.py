@@ -16,6 +16,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def device():
+    """Run on the GPU when there is one, else on CPU through the Triton interpreter."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with dev:  # default device for tensor factories inside the test
+        yield dev
+
+
 def _run(fn, x, w, residual, dy, dh):
     x = x.clone().requires_grad_()
     w = w.clone().requires_grad_()
@@ -65,6 +73,19 @@ def test_matches_model_module(dtype):
     want = module(x)
     assert got.dtype == want.dtype == torch.float32  # fp32 weight promotes, as in the module
     assert rel_err(got, want) < TOL[dtype]
+
+
+def test_mixed_dtype_residual_like_autocast_model():
+    """bf16 block output + fp32 residual stream + fp32 weight: h and y are fp32, dx comes back bf16."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 40, dtype=torch.bfloat16)
+    residual, w = torch.randn(6, 40), torch.rand(40) + 0.5
+    dy, dh = torch.randn(6, 40), torch.randn(6, 40)
+    got = _run(rms_norm, x, w, residual, dy, dh)
+    want = _run(rms_norm_reference, x, w, residual, dy, dh)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.float32] * 2 + [torch.bfloat16] + [torch.float32] * 2  # y, h, dx, dw, dres
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < 1e-2 if g.dtype == torch.bfloat16 else rel_err(g, r) < 1e-5
 
 
 def test_fp32_against_fp64_truth():

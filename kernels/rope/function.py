@@ -3,8 +3,6 @@
 cos/sin are treated as constants (no gradient), as in the model where they are fixed buffers.
 """
 
-from typing import Optional
-
 import torch
 
 from .._triton import triton_usable

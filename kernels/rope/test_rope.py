@@ -12,6 +12,14 @@ from sparsetron.train.model.rope import rope_tables
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def device():
+    """Run on the GPU when there is one, else on CPU through the Triton interpreter."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with dev:  # default device for tensor factories inside the test
+        yield dev
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

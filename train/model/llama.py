@@ -23,8 +23,15 @@ class Block(nn.Module):
         self.attn = get_attention(getattr(attn_cfg, "kind", "dense"))(cfg, attn_cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = get_mlp(cfg.mlp)(cfg, moe_cfg, layer_idx)
+        self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # one kernel for "residual add + norm" instead of two passes over x
+            from sparsetron.kernels.rmsnorm import rms_norm
+
+            a = self.attn(rms_norm(x, self.attn_norm.weight, self.attn_norm.eps), cos, sin)
+            y, x = rms_norm(a, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
+            return x + self.mlp(y)
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -96,6 +103,10 @@ class Llama(nn.Module):
         h = self.hidden(tokens, hidden_states)
         if targets is None:
             out = self.head(h)
+        elif self.cfg.fused_kernels:  # chunked: the (tokens, vocab) logits never exist in full
+            from sparsetron.kernels.linear_cross_entropy import linear_cross_entropy
+
+            out = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten(), ignore_index=-100)
         else:
             out = F.cross_entropy(self.head(h).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return (out, hidden_states) if output_hidden_states else out
