@@ -79,3 +79,22 @@ def test_multirun_sweep(tmp_path):
                    "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=str(tmp_path))
     for job in ("0", "1"):
         assert len(_losses(tmp_path / "sweep" / job)) == 2, out.stdout
+
+
+def test_export_cli_from_a_training_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from sparsetron.train.export import load_model_from_checkpoint, main
+
+    run = tmp_path / "run"
+    run_cli([*TINY, f"run_dir={run}", "train.max_steps=2", "train.eval_every=0"])
+    step = run / "checkpoints" / "step_00000002"
+    assert main([str(step), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    ours = load_model_from_checkpoint(str(step)).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+    assert main([str(run / "checkpoints" / "nope"), str(tmp_path / "x")]) == 2

@@ -118,7 +118,11 @@ def read_metrics(run_dir: str) -> Dict[str, Dict[int, dict]]:
 
 
 def plot_losses(run_dir: str) -> Optional[str]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a trimmed image (e.g. a GPU container): the metrics file has the same data
+        print("sparsetron: matplotlib is not installed; no loss.png", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
