@@ -144,6 +144,8 @@ def nm_linear(
     if backend not in BACKENDS:
         raise ValueError(f"nm_linear: backend must be one of {BACKENDS}, got {backend!r}")
     w = masked_weight(weight, mask, mode, decay)
+    if n == m:  # dense stage (calibration, start of a ramp): nothing to accelerate, nothing to warn
+        return F.linear(x, w, bias)
     if backend == "dense":
         return F.linear(x, w, bias)
     dtype = compute_dtype(x)

@@ -5,21 +5,28 @@ very same `weight`/`bias` Parameter objects and adds a non-persistent bool `weig
 buffer; its forward runs `nm_linear` (masked weight, 2:4 packed matmul on GPU where allowed).
 
 Why not torch.nn.utils.parametrize: it renames the weight to
-`...q_proj.parametrizations.weight.original`, so checkpoints and the HF export would see other
-keys, and it sits badly with FSDP2/DTensor and with swapping the matmul for a packed one.
+`...q_proj.parametrizations.weight.original`, so checkpoints and the HF export would need key
+translation, and it only yields a masked dense weight: running the packed 2:4 matmul would
+still need a module of our own.
 Why not a forward pre-hook: a hook cannot change which tensor F.linear reads without
 temporarily replacing the registered Parameter each call, which breaks under activation
 checkpoint recompute and FSDP. The subclass keeps `isinstance(m, nn.Linear)`, the parameter
 names, and the Parameter objects (an optimizer built before or after stays valid), and
-`model.state_dict()` is byte-for-byte the dense layout (masks travel in `Sparsifier.state_dict`).
+`model.state_dict()` has exactly the dense model's keys (masks travel in `Sparsifier.state_dict`).
 
-Trainer protocol (one optimizer step = `step`, counting from 1):
-    sparsifier = Sparsifier(model, cfg)                  # after loading dense weights, before DDP/FSDP wrap
-    sparsifier.init_masks(calibration_batches)           # fresh start; on resume: load_state_dict
-    ... loss.backward() (all micro-batches), scaler.unscale_(opt) if any
-    sparsifier.before_optimizer_step()                   # SR-STE decay into .grad (before clipping)
-    clip_grad_norm_; optimizer.step()
-    sparsifier.after_optimizer_step(step)                # re-zero (fixed) / recompute masks (SR-STE, ramp)
+Trainer protocol (`step` = optimizer steps done, 1 after the first):
+    teacher = make_teacher(model, cfg.distill.teacher_dtype)   # dense copy, BEFORE sparsifying
+    sparsifier = Sparsifier(model, cfg)                  # after loading dense weights, before DDP wrap
+    sparsifier.init_masks(calibration_batches)           # fresh start (batches only for wanda);
+                                                         # on resume: sparsifier.load_state_dict(ckpt)
+    distiller = Distiller(teacher, cfg.distill)
+    each step: out = distiller(model, tokens, targets); out["loss"].backward()   (per micro-batch)
+               scaler.unscale_(opt) if any
+               sparsifier.before_optimizer_step()        # SR-STE decay into .grad (before clipping)
+               clip_grad_norm_; optimizer.step()
+               sparsifier.after_optimizer_step(step)     # re-zero (fixed) / recompute masks (SR-STE, ramp)
+    checkpoint: model.state_dict() (dense names) + sparsifier.state_dict() (masks, n, Wanda norms)
+    export:     verify_nm(model, cfg.n, cfg.m); sparsifier.export_state_dict() or sparsifier.finalize()
 """
 
 import fnmatch
@@ -117,16 +124,16 @@ class Sparsifier:
         cfg.validate()
         self.model, self.cfg = model, cfg
         targets = select_layers(model, cfg.layers)
-        embed = getattr(model, "embed", None)
-        for name, lin in targets.items():
-            if lin.in_features % cfg.m:
-                raise ValueError(f"sparsity: layer {name} has in_features={lin.in_features}, not divisible by m={cfg.m}")
-            if embed is not None and lin.weight is getattr(embed, "weight", None):
-                raise ValueError(f"sparsity: layer {name} shares its weight with the embedding (tie_embeddings); keep it dense")
-        self.layers: Dict[str, NMSparseLinear] = {}
+        embedding_weights = {id(mod.weight) for mod in model.modules() if isinstance(mod, nn.Embedding)}
         for name, lin in targets.items():
             if isinstance(lin, NMSparseLinear):
                 raise ValueError(f"sparsity: layer {name} is already sparse; build one Sparsifier per model")
+            if lin.in_features % cfg.m:
+                raise ValueError(f"sparsity: layer {name} has in_features={lin.in_features}, not divisible by m={cfg.m}")
+            if id(lin.weight) in embedding_weights:
+                raise ValueError(f"sparsity: layer {name} shares its weight with the embedding (tie_embeddings); keep it dense")
+        self.layers: Dict[str, NMSparseLinear] = {}
+        for name, lin in targets.items():
             sparse = NMSparseLinear.from_linear(lin, n=cfg.m, m=cfg.m, mode=cfg.mode, backend=cfg.backend)
             _set_submodule(model, name, sparse)
             self.layers[name] = sparse
