@@ -85,3 +85,12 @@ def test_cli_bad_value_is_one_clear_error(tmp_path):
     assert out.returncode == 2
     assert "optim.lr" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_sparsity_group():
+    cfg = compose(["sparsity=nm48"], run_dir="/tmp/x")
+    validate(cfg)
+    assert (cfg.sparsity.n, cfg.sparsity.m, cfg.sparsity.enabled) == (4, 8, True)
+    assert compose([], run_dir="/tmp/x").sparsity.enabled is False
+    with pytest.raises(ConfigError, match="sparsity.n"):
+        validate(compose(["sparsity=nm24", "sparsity.n=4"], run_dir="/tmp/x"))

@@ -11,6 +11,7 @@ from .model import ModelConfig
 from .moe import MoEConfig
 from .optim import OptimConfig
 from .parallel import ParallelConfig
+from .sparsity import DistillConfig, SparsityConfig
 from .train import TrainConfig
 
 
@@ -27,6 +28,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sparsity: SparsityConfig = field(default_factory=lambda: SparsityConfig(enabled=False))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -40,6 +42,6 @@ def register() -> None:
 
 
 __all__ = [
-    "AttentionConfig", "CheckpointConfig", "Config", "DataConfig", "LoggingConfig", "ModelConfig",
+    "AttentionConfig", "CheckpointConfig", "Config", "DataConfig", "DistillConfig", "SparsityConfig", "LoggingConfig", "ModelConfig",
     "MoEConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "WandbConfig", "register", "SCHEMA_NAME",
 ]

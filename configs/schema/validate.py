@@ -80,29 +80,16 @@ def _train(t, m) -> None:
 
 
 def data_parallel_size(p, world_size: int) -> int:
-    model_parallel = p.tp * p.pp * p.cp
-    return p.dp if p.dp > 0 else max(world_size // model_parallel, 1)
+    from sparsetron.parallel.legality import data_parallel_size as dp_size
+
+    return dp_size(p, world_size)
 
 
-def _parallel(p, t, world_size: Optional[int]) -> None:
-    for name in ("tp", "pp", "cp", "ep"):
-        _positive(f"parallel.{name}", getattr(p, name))
-    if p.dp != -1:
-        _positive("parallel.dp", p.dp)
-    _choice("parallel.zero_stage", p.zero_stage, [0, 1, 2, 3])
-    _choice("parallel.backend", p.backend, ["auto", "nccl", "gloo"])
-    if world_size is None:
-        return
-    dp = data_parallel_size(p, world_size)
-    if p.tp * p.pp * p.cp * dp != world_size:
-        raise ConfigError(
-            "parallel", f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{dp} must equal the world size {world_size}"
-        )
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{t.global_batch_size} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
-        )
+def _parallel(cfg, world_size: Optional[int]) -> None:
+    """The legality matrix (sparsetron.parallel.legality): sizes, divisibility, schedules, ZeRO combinations."""
+    from sparsetron.parallel.legality import check_layout
+
+    check_layout(cfg, world_size)
 
 
 def validate(cfg, world_size: Optional[int] = None) -> None:
@@ -112,10 +99,22 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _data(cfg.data)
     _optim(cfg.optim)
     _train(cfg.train, cfg.model)
-    _parallel(cfg.parallel, cfg.train, world_size)
+    _parallel(cfg, world_size)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("logging.log_every", cfg.logging.log_every)
+    if cfg.sparsity.enabled:
+        try:
+            _sparsity(cfg.sparsity)
+        except ValueError as err:
+            raise ConfigError("sparsity", str(err)) from None
     _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.resume not in ("none", "auto") and not os.path.isdir(os.path.expanduser(cfg.resume)):
         raise ConfigError("resume", f"{cfg.resume!r} is not a checkpoint directory; use none, auto or a path")
+
+
+def _sparsity(s) -> None:
+    """The sparsity dataclass's own checks, run on the composed (DictConfig) values."""
+    from omegaconf import OmegaConf
+
+    (OmegaConf.to_object(s) if OmegaConf.is_config(s) else s).validate()
