@@ -50,7 +50,7 @@ _sp_cores="${SLURM_CPUS_ON_NODE:-$(nproc 2>/dev/null || echo 1)}"
 if [[ "${NPROC:-}" =~ ^[0-9]+$ ]]; then
     _sp_local="$NPROC"
 elif command -v nvidia-smi >/dev/null 2>&1; then
-    _sp_local="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+    _sp_local="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"  # set -e safe
 else
     _sp_local=1
 fi

@@ -21,9 +21,9 @@
 #   TORCHRUN_ARGS  extra torchrun flags (word-split)
 #
 # Preemption: SIGUSR1 or SIGTERM sent to this script is forwarded as SIGUSR1 to the
-# training processes (torchrun's direct children; torchrun itself would die of SIGUSR1).
-# They save a checkpoint and exit; this script then exits with 75 (see lib.sh) so the
-# Slurm job script knows to requeue.
+# training processes (torchrun's direct children). torchrun itself ignores SIGUSR1 (it has
+# no handler and would exit). The workers save a checkpoint and exit; this script then exits
+# with 75 (see lib.sh) so the Slurm job script knows to requeue.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -90,18 +90,23 @@ if [[ "$NODE_RANK" == "0" ]]; then
 fi
 
 preempted=0
+torchrun_pid=""
 forward_preemption() {
     preempted=1
+    [[ -n "$torchrun_pid" ]] || return 0
     local child
     for child in $(child_pids "$torchrun_pid"); do
         kill -USR1 "$child" 2>/dev/null || true
     done
     echo "[torchrun.sh] node $NODE_RANK: preemption signal forwarded to workers" >&2
 }
-
-"${launcher[@]}" "${args[@]}" -m "$TRAIN_MODULE" "${overrides[@]}" &
-torchrun_pid=$!
 trap forward_preemption USR1 TERM
+
+# torchrun starts with SIGUSR1 ignored (inherited through exec): Slurm may deliver the signal
+# to every process of the step, and torchrun has no handler for it (default action: exit).
+# The workers inherit the ignore too until PreemptionHandler.install() takes the signal over.
+( trap '' USR1; exec "${launcher[@]}" "${args[@]}" -m "$TRAIN_MODULE" "${overrides[@]}" ) &
+torchrun_pid=$!
 
 set +e
 wait_for "$torchrun_pid"

@@ -31,10 +31,14 @@ def _app(cfg: DictConfig) -> None:
 
     OmegaConf.resolve(cfg)
     try:
-        train(cfg)
+        summary = train(cfg)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("preempted"):
+        from .resilience import REQUEUE_EXIT_CODE
+
+        sys.exit(REQUEUE_EXIT_CODE)  # the checkpoint is written; launch/slurm.sbatch requeues on this code
 
 
 def main() -> None:

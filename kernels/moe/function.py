@@ -42,7 +42,7 @@ class Blocks:
 
 
 # Small tiles under the CPU interpreter: cheap, and ragged shapes then cross several tiles.
-INTERPRETER_BLOCKS = Blocks(16, 16, 16, 4, 1, 32, 16, 4, 1, 16, 32, 16, 4, 1)
+INTERPRETER_BLOCKS = Blocks(32, 32, 32, 4, 1, 64, 32, 4, 1, 32, 64, 32, 4, 1)
 
 
 def default_blocks(dtype: torch.dtype) -> Blocks:
@@ -59,7 +59,7 @@ def _launch_gemm(a, w, out, scale, routing: Routing, n, k, stride_be, stride_bk,
     K.grouped_gemm_kernel[grid](
         a, w, out, scale if scale is not None else a, routing.dest_row, routing.expert_offsets, tile_expert, tile_offsets,
         routing.num_experts, n, k, a.stride(0), stride_be, stride_bk, stride_bn, out.stride(0),
-        HAS_SCALE=scale is not None, BLOCK_M=blk.block_m, BLOCK_N=blk.mm_n, BLOCK_K=blk.mm_k,
+        HAS_SCALE=scale is not None, BLOCK_M=blk.block_m, BLOCK_N=blk.mm_n, BLOCK_K=blk.mm_k, DOT_FP32=interpreting(),
         num_warps=blk.mm_warps, num_stages=blk.mm_stages,
     )
 
@@ -72,10 +72,15 @@ def _segment_sum(slots: torch.Tensor, routing: Routing, num_tokens: int, dtype) 
     if num_tokens == 0:
         return out
     k = routing.fixed_k
-    block_d = min(triton.next_power_of_2(d), 1024 if k <= 8 else 256)
-    K.segment_sum_kernel[(num_tokens, triton.cdiv(d, block_d))](
-        slots, out, routing.token_offsets, d, slots.stride(0), out.stride(0),
-        FIXED_K=k, K_POW2=triton.next_power_of_2(max(k, 1)), BLOCK_D=block_d, num_warps=4,
+    k_pow2 = triton.next_power_of_2(max(k, 1))
+    block_d = min(triton.next_power_of_2(d), max(4096 // k_pow2, 64) if k else 1024)
+    # Under the interpreter every program costs Python time, so batch tokens; on the GPU one token
+    # per program already moves k * BLOCK_D elements.
+    block_t = 16 if (k and interpreting()) else 1
+    grid = (triton.cdiv(num_tokens, block_t) if k else num_tokens, triton.cdiv(d, block_d))
+    K.segment_sum_kernel[grid](
+        slots, out, routing.token_offsets, num_tokens, d, slots.stride(0), out.stride(0),
+        FIXED_K=k, K_POW2=k_pow2, BLOCK_T=block_t, BLOCK_D=block_d, INTERP=interpreting(), num_warps=4,
     )
     return out
 
@@ -87,7 +92,7 @@ def _wgrad(left, right, out, routing: Routing, gather_left: bool, gather_right: 
         left, right, out, routing.sorted_token, routing.expert_offsets,
         ni, nj, left.stride(0), right.stride(0), out.stride(0), out.stride(1),
         GATHER_L=gather_left, GATHER_R=gather_right,
-        BLOCK_I=blk.wg_i, BLOCK_J=blk.wg_j, BLOCK_K=blk.wg_k, num_warps=blk.wg_warps, num_stages=blk.wg_stages,
+        BLOCK_I=blk.wg_i, BLOCK_J=blk.wg_j, BLOCK_K=blk.wg_k, DOT_FP32=interpreting(), num_warps=blk.wg_warps, num_stages=blk.wg_stages,
     )
 
 
@@ -105,7 +110,7 @@ def experts_forward(x, w_gate_up, w_down, routing: Routing, blk: Blocks):
         K.up_swiglu_kernel[grid](
             x, w_gate_up, routing.sorted_token, routing.expert_offsets, tile_expert, tile_offsets, h, act,
             e, d, f, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), act.stride(0),
-            BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, num_warps=blk.up_warps, num_stages=blk.up_stages,
+            BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, DOT_FP32=interpreting(), num_warps=blk.up_warps, num_stages=blk.up_stages,
         )
     y = torch.empty(a_n, d, dtype=x.dtype, device=x.device)
     if a_n:
@@ -133,7 +138,7 @@ def experts_backward(dout, x, w_gate_up, w_down, h, routing: Routing, blk: Block
             dh, actw, dweight_parts,
             e, f, d, a_n,
             dy.stride(0), w_down.stride(0), w_down.stride(1), h.stride(0), dh.stride(0), actw.stride(0),
-            BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, num_warps=blk.mm_warps, num_stages=blk.mm_stages,
+            BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, DOT_FP32=interpreting(), num_warps=blk.mm_warps, num_stages=blk.mm_stages,
         )
     dw_down = torch.empty_like(w_down)
     dw_gate_up = torch.empty_like(w_gate_up)

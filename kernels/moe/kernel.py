@@ -24,10 +24,25 @@ Backward (5 launches):
   6. expert_wgrad: dW1[e] = dH^T @ x[token]                 (fused gather)
   7. grouped_gemm: dx slots = dH @ W1[e], scattered to token-major slots
   8. segment_sum:  dx[t] = sum of token t's slots.
+
+DOT_FP32 / INTERP are set only under the CPU interpreter (Triton 3.9), which mis-multiplies bf16
+tl.dot operands and truncates fp32 -> bf16: there operands are upcast (exact: bf16 products fit
+fp32) and stores round to nearest-even by hand, matching what the GPU does natively.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _cast(v, ptr, INTERP: tl.constexpr):
+    """v (fp32) -> ptr's element type. The CPU interpreter truncates fp32 -> bf16 where the GPU
+    rounds to nearest-even, so under it the rounding is done by hand on the bits."""
+    if INTERP and ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -44,7 +59,7 @@ def up_swiglu_kernel(
     x_ptr, w_ptr, tok_ptr, expert_offsets_ptr, tile_expert_ptr, tile_offsets_ptr, h_ptr, act_ptr,
     NUM_EXPERTS, K, F,
     stride_xm, stride_we, stride_wn, stride_hm, stride_am,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
@@ -68,6 +83,8 @@ def up_swiglu_kernel(
         a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         bg = tl.load(wg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         bu = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_FP32:  # see the module docstring (interpreter bf16 dot)
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
         acc_g = tl.dot(a, bg, acc_g)
         acc_u = tl.dot(a, bu, acc_u)
         x_ptrs += BLOCK_K
@@ -76,14 +93,14 @@ def up_swiglu_kernel(
     omask = rmask[:, None] & cmask[None, :]
     rows64 = rows.to(tl.int64)
     h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
-    g = acc_g.to(h_ptr.dtype.element_ty)
-    u = acc_u.to(h_ptr.dtype.element_ty)
+    g = _cast(acc_g, h_ptr, DOT_FP32)
+    u = _cast(acc_u, h_ptr, DOT_FP32)
     tl.store(h_ptrs, g, mask=omask)
     tl.store(h_ptrs + F, u, mask=omask)
     # SwiGLU from the rounded pre-activation, exactly what backward recomputes.
     gf = g.to(tl.float32)
     act = gf * tl.sigmoid(gf) * u.to(tl.float32)
-    tl.store(act_ptr + rows64[:, None] * stride_am + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=omask)
+    tl.store(act_ptr + rows64[:, None] * stride_am + cols[None, :], _cast(act, act_ptr, DOT_FP32), mask=omask)
 
 
 @triton.jit
@@ -92,7 +109,7 @@ def grouped_gemm_kernel(
     NUM_EXPERTS, N, K,
     stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """c[dest[r]] = scale[r] * a[r] @ B[e] for the expert-sorted rows r of each tile (B[e] is K x N
     through strides, so both W2^T and W1 are read in place)."""
@@ -115,35 +132,44 @@ def grouped_gemm_kernel(
         kmask = ks < K - k0
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     dest = tl.load(dest_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tl.store(c_ptr + dest[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+    tl.store(c_ptr + dest[:, None] * stride_cm + cols[None, :], _cast(acc, c_ptr, DOT_FP32), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def segment_sum_kernel(
-    y_ptr, out_ptr, offsets_ptr, D, stride_ym, stride_om,
-    FIXED_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_D: tl.constexpr,
+    y_ptr, out_ptr, offsets_ptr, T, D, stride_ym, stride_om,
+    FIXED_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr,
 ):
     """out[t] = sum_{j in [offsets[t], offsets[t+1])} y[j], accumulated in fp32."""
-    t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    if FIXED_K > 0:  # plain top-k: token t owns slots t*k .. t*k+k-1, read as one 2-D tile
-        j = t.to(tl.int64) * FIXED_K + tl.arange(0, K_POW2)
-        tile = tl.load(y_ptr + j[:, None] * stride_ym + cols[None, :], mask=(tl.arange(0, K_POW2) < FIXED_K)[:, None] & cmask[None, :], other=0.0)
-        acc = tl.sum(tile.to(tl.float32), axis=0)
+    if FIXED_K > 0:  # plain top-k: token t owns slots t*k .. t*k+k-1, read as one (T, k, D) tile
+        tt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        kk = tl.arange(0, K_POW2)
+        j = tt[:, None].to(tl.int64) * FIXED_K + kk[None, :]
+        jmask = (tt < T)[:, None] & (kk < FIXED_K)[None, :]
+        tile = tl.load(y_ptr + j[:, :, None] * stride_ym + cols[None, None, :], mask=jmask[:, :, None] & cmask[None, None, :], other=0.0)
+        acc = tl.sum(tile.to(tl.float32), axis=1)
+        o_ptrs = out_ptr + tt[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(o_ptrs, _cast(acc, out_ptr, INTERP), mask=(tt < T)[:, None] & cmask[None, :])
     else:
+        t = tl.program_id(0)
         lo = tl.load(offsets_ptr + t)
         hi = tl.load(offsets_ptr + t + 1)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for j in range(lo, hi):
-            acc += tl.load(y_ptr + j.to(tl.int64) * stride_ym + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t.to(tl.int64) * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+        row_ptr = y_ptr + lo.to(tl.int64) * stride_ym + cols
+        for _ in range(lo, hi):
+            acc += tl.load(row_ptr, mask=cmask, other=0.0).to(tl.float32)
+            row_ptr += stride_ym
+        tl.store(out_ptr + t.to(tl.int64) * stride_om + cols, _cast(acc, out_ptr, INTERP), mask=cmask)
 
 
 @triton.jit
@@ -152,7 +178,7 @@ def down_bwd_swiglu_kernel(
     dh_ptr, actw_ptr, dweight_ptr,
     NUM_EXPERTS, F, K, NUM_ASSIGN,
     stride_dym, stride_we, stride_wk, stride_hm, stride_dhm, stride_awm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """dact = dy[token] @ W2[e]  (W2[e] is D x F, read with K = D), then in the epilogue:
     router-weight grad partial <dact, act>, dH = SwiGLU'(H) * weight * dact, and weight * act."""
@@ -176,6 +202,8 @@ def down_bwd_swiglu_kernel(
         kmask = ks < K - k0
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
@@ -193,9 +221,9 @@ def down_bwd_swiglu_kernel(
     dg = dact * u * sig * (1.0 + g * (1.0 - sig))
     du = dact * silu
     dh_ptrs = dh_ptr + rows64[:, None] * stride_dhm + cols[None, :]
-    tl.store(dh_ptrs, dg.to(dh_ptr.dtype.element_ty), mask=omask)
-    tl.store(dh_ptrs + F, du.to(dh_ptr.dtype.element_ty), mask=omask)
-    tl.store(actw_ptr + rows64[:, None] * stride_awm + cols[None, :], (act * w).to(actw_ptr.dtype.element_ty), mask=omask)
+    tl.store(dh_ptrs, _cast(dg, dh_ptr, DOT_FP32), mask=omask)
+    tl.store(dh_ptrs + F, _cast(du, dh_ptr, DOT_FP32), mask=omask)
+    tl.store(actw_ptr + rows64[:, None] * stride_awm + cols[None, :], _cast(act * w, actw_ptr, DOT_FP32), mask=omask)
 
 
 @triton.jit
@@ -203,7 +231,7 @@ def expert_wgrad_kernel(
     l_ptr, r_ptr, out_ptr, tok_ptr, expert_offsets_ptr,
     NI, NJ, stride_lm, stride_rm, stride_oe, stride_oi,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """out[e] = sum over expert e's rows r of  L[row_l(r)]^T (outer) R[row_r(r)]  (NI x NJ), where a
     gathered side reads row sorted_token[r] of the token-indexed tensor. Experts with no rows
@@ -235,6 +263,8 @@ def expert_wgrad_kernel(
             rrow = rows.to(tl.int64)
         lt = tl.load(l_ptr + lrow[:, None] * stride_lm + ii[None, :], mask=rmask[:, None] & imask[None, :], other=0.0)
         rt = tl.load(r_ptr + rrow[:, None] * stride_rm + jj[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+        if DOT_FP32:
+            lt, rt = lt.to(tl.float32), rt.to(tl.float32)
         acc = tl.dot(tl.trans(lt), rt, acc)
     o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ii[:, None].to(tl.int64) * stride_oi + jj[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=imask[:, None] & jmask[None, :])
+    tl.store(o_ptrs, _cast(acc, out_ptr, DOT_FP32), mask=imask[:, None] & jmask[None, :])

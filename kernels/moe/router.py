@@ -13,7 +13,6 @@ Routing runs in fp32 with tensor ops only (no host loop over experts).
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .routing import Routing, routing_from_mask, routing_from_topk
@@ -42,6 +41,14 @@ def round_expert_counts(counts: torch.Tensor, tile_m: int, num_tokens: int) -> t
     return base + tile_m * up.long()
 
 
+def _descending_key(score: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering (selected first, then by score), exactly: the fp32 score bits made
+    monotone as integers, in two bands 2^33 apart. One integer sort replaces two stable sorts."""
+    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
+    monotone = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
+    return monotone + selected.to(torch.int64) * (1 << 33)
+
+
 def token_rounding_mask(select_score: torch.Tensor, topk_mask: torch.Tensor, tile_m: int) -> torch.Tensor:
     """New (T, E) assignment mask whose per-expert counts are tile multiples.
 
@@ -50,15 +57,29 @@ def token_rounding_mask(select_score: torch.Tensor, topk_mask: torch.Tensor, til
     n_e < count and adds the best unselected tokens when n_e > count. A (token, expert) pair
     appears at most once, so no token is routed twice to one expert."""
     t = select_score.shape[0]
-    counts = topk_mask.sum(0)
-    target = round_expert_counts(counts, tile_m, t)
-    by_score = torch.argsort(select_score, dim=0, descending=True, stable=True)
-    sel_in_order = topk_mask.gather(0, by_score).to(torch.int8)
-    by_selected = torch.argsort(sel_in_order, dim=0, descending=True, stable=True)
-    order = by_score.gather(0, by_selected)  # (T, E): per expert, token ids in priority order
-    rank = torch.empty_like(order)
-    rank.scatter_(0, order, torch.arange(t, device=order.device)[:, None].expand_as(order).contiguous())
-    return rank < target[None, :]
+    target = round_expert_counts(topk_mask.sum(0), tile_m, t)
+    key = _descending_key(select_score.t(), topk_mask.t())  # (E, T): one row per expert
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    keep = torch.arange(t, device=order.device)[None, :] < target[:, None]
+    return torch.zeros_like(keep).scatter_(1, order, keep).t()
+
+
+class _FP32Logits(torch.autograd.Function):
+    """logits = x @ w^T in fp32 while keeping only x in its own dtype for backward: the fp32 copy of
+    x that F.linear(x.float(), ...) would save costs 4*dim bytes per token (SonicMoE's point:
+    cache only what backward needs)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x.float() @ w.float().t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        dx = (g @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 class Router(nn.Module):
@@ -102,7 +123,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[Routing, Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """x: (T, dim) -> (routing plan, aux loss or None, detached stats for logging)."""
         t, e, k = x.shape[0], self.num_experts, self.top_k
-        logits = F.linear(x.float(), self.weight.float())
+        logits = _FP32Logits.apply(x, self.weight)
         scores = torch.softmax(logits, -1) if self.score_func == "softmax" else torch.sigmoid(logits)
         select = scores + self.expert_bias if self.load_balancing == "aux_free" else scores
         topk_idx = torch.topk(select.detach(), k, dim=-1).indices
