@@ -142,3 +142,24 @@ def plot_losses(run_dir: str) -> Optional[str]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def routing_metrics(model, with_loads: bool = False) -> Dict[str, object]:
+    """MoE routing of the last forward, per layer: load imbalance (max/mean expert load), experts per
+    token, tokens dropped/added by token rounding, balance and z losses; per-expert loads on request."""
+    out: Dict[str, object] = {}
+    for name, module in model.named_modules():
+        stats = getattr(module, "last_stats", None)
+        if not stats:
+            continue
+        layer = name.replace("layers.", "L").replace(".mlp", "")
+        load = stats.get("expert_load")
+        if load is not None:
+            load = load.float()
+            out[f"moe/{layer}/max_over_mean_load"] = (load.max() / load.mean().clamp_min(1e-9)).item()
+            if with_loads:
+                out[f"moe/{layer}/expert_load"] = [int(v) for v in load.tolist()]
+        for key in ("experts_per_token", "tokens_dropped", "tokens_added", "balance_loss", "z_loss"):
+            if key in stats:
+                out[f"moe/{layer}/{key}"] = float(stats[key])
+    return out

@@ -1,6 +1,7 @@
 """Mixture-of-Experts options (configs/moe/*.yaml); used when model.mlp == "moe"."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -16,4 +17,5 @@ class MoEConfig:
     aux_free_bias_lr: float = 0.001  # DeepSeek-V3 per-expert bias update speed
     token_rounding: bool = False  # SonicMoE: round per-expert counts to tile_m multiples
     tile_m: int = 128
+    norm_topk_prob: Optional[bool] = None  # renormalise the top-k weights; None: yes unless softmax with k=1
     implementation: str = "auto"  # auto | triton | torch (reference)

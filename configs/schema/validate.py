@@ -38,6 +38,20 @@ def _model(m) -> None:
     _choice("model.activation_checkpointing", m.activation_checkpointing, ["none", "attention", "full"])
 
 
+def _moe(m) -> None:
+    _positive("moe.num_experts", m.num_experts)
+    _positive("moe.expert_ffn_dim", m.expert_ffn_dim)
+    if not 1 <= m.top_k <= m.num_experts:
+        raise ConfigError("moe.top_k", f"got {m.top_k}, must be in [1, moe.num_experts={m.num_experts}]")
+    _choice("moe.score_func", m.score_func, ["softmax", "sigmoid"])
+    _choice("moe.load_balancing", m.load_balancing, ["aux_loss", "aux_free", "none"])
+    _choice("moe.implementation", m.implementation, ["auto", "triton", "torch"])
+    _positive("moe.tile_m", m.tile_m)
+    _positive("moe.shared_expert_ffn_dim", m.shared_expert_ffn_dim, allow_zero=True)
+    for name in ("aux_loss_coef", "z_loss_coef", "aux_free_bias_lr"):
+        _positive(f"moe.{name}", getattr(m, name), allow_zero=True)
+
+
 def _data(d) -> None:
     _choice("data.source", d.source, ["stdlib", "text", "memmap"])
     _choice("data.memmap_dtype", d.memmap_dtype, ["uint16", "uint32"])
@@ -96,6 +110,8 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     """Raise ConfigError for the first illegal field. `world_size` adds the layout checks."""
     _model(cfg.model)
     _choice("attention.kind", cfg.attention.kind, ["dense", "sliding_window", "nsa", "moba"])
+    if cfg.model.mlp == "moe":
+        _moe(cfg.moe)
     _data(cfg.data)
     _optim(cfg.optim)
     _train(cfg.train, cfg.model)
