@@ -74,13 +74,35 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _configs(d: int, block: int):
-    """(BLOCK_N of the forward/dQ sub-tile, BLOCK_M of the dK/dV sub-tile, warps, stages)."""
+# Benchmarks may pin launch configs here: {"fwd"|"dq": (BLOCK_N, warps, stages), "bwd": (BLOCK_M, warps, stages)}.
+CONFIG_OVERRIDE: dict = {}
+
+
+def _fwd_config(d: int, block: int):
+    """(KV sub-tile, warps, stages) of the forward."""
     if interpreting():
-        return block, block, 4, 1
-    sub_n = min(block, 64)
-    sub_m = min(block, 64 if d <= 64 else 32)
-    return sub_n, sub_m, 4 if block <= 64 else 8, 3 if d <= 64 else 2
+        return block, 4, 1
+    if "fwd" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["fwd"]
+    return min(block, 64), 4 if block <= 64 else 8, 3  # best of a 2-config sweep on H200 (d=128)
+
+
+def _dq_config(d: int, block: int):
+    """(KV sub-tile, warps, stages) of the dQ kernel (fp32 dQ accumulator plus q and dO tiles)."""
+    if interpreting():
+        return block, 4, 1
+    if "dq" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["dq"]
+    return min(block, 64), 4, 3  # best of a 3-config sweep on H200 (d=128)
+
+
+def _bwd_config(d: int, block: int):
+    """(query sub-tile, warps, stages) of the dK/dV kernel (two fp32 accumulators of block x d)."""
+    if interpreting():
+        return block, 4, 1
+    if "bwd" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["bwd"]
+    return min(block, 64), 4 if d <= 64 else 8, 3  # best of a 3-config sweep on H200 (d=128)
 
 
 def _meta(q, k, cu_q, cu_k, block, block_idx):
@@ -103,7 +125,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
     z, nqb, _ = _meta(q, k, cu_q, cu_k, block, idx)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((zq, hq, sq), dtype=torch.float32, device=q.device)
-    sub_n, _, warps, stages = _configs(d, block)
+    sub_n, warps, stages = _fwd_config(d, block)
     dummy = cnt  # any int32 tensor stands in for absent cu_seqlens
     grid = (nqb, z * hq)
     _fwd_kernel[grid](
@@ -122,25 +144,39 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
 
 
 def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset,
-              deterministic):
+              atomic_dq):
     zq, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     z, nqb, nkb = _meta(q, k, cu_q, cu_k, block, idx)
-    sub_n, sub_m, warps, stages = _configs(d, block)
+    sub_n, warps_q, stages_q = _dq_config(d, block)
+    sub_m, warps, stages = _bwd_config(d, block)
     do = _last_contig(do)
-    delta = (do.float() * o.float()).sum(-1)  # (Zq, Hq, Sq), same strides as lse
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if deterministic:
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     idx_full = idx.expand(z, hkv, *idx.shape[2:])
     cnt_full = cnt.expand(z, hkv, cnt.shape[2])
     rev_off, rev_idx = reverse_block_index(idx_full, cnt_full, nkb)
     dummy = cnt
     cu_q_arg = cu_q if cu_q is not None else dummy
     cu_k_arg = cu_k if cu_k is not None else dummy
+    if atomic_dq:
+        delta = (do.float() * o.float()).sum(-1)  # (Zq, Hq, Sq), same strides as lse
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        delta = torch.empty_like(lse)  # written by the dQ kernel
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        _bwd_dq_kernel[(nqb, z * hq)](
+            q, k, v, o, do, lse, delta, dq, idx, cnt, cu_q_arg, cu_k_arg,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
+            idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
+            sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
+            HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
+            K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
+            num_warps=warps_q, num_stages=stages_q,
+        )
     _bwd_dkdv_kernel[(nkb, z * hkv)](
         q, k, v, do, lse, delta, dk, dv, dq, rev_off, rev_idx, cu_q_arg, cu_k_arg,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -151,40 +187,28 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
         sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        ATOMIC_DQ=not deterministic, num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, num_warps=warps, num_stages=stages,
     )
-    if deterministic:
-        _bwd_dq_kernel[(nqb, z * hq)](
-            q, k, v, do, lse, delta, dq, idx, cnt, cu_q_arg, cu_k_arg,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            lse.stride(0), lse.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
-            idx.stride(0), idx.stride(1), idx.stride(2), cnt.stride(0), cnt.stride(1),
-            sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
-            HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
-            K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-            num_warps=warps, num_stages=stages,
-        )
-    else:
+    if atomic_dq:
         dq = dq.to(q.dtype)
     return dq, dk, dv
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset, deterministic):
+    def forward(ctx, q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset, atomic_dq):
         o, lse = _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride, key_offset)
         ctx.save_for_backward(q, k, v, o, lse, idx, cnt, cu_q, cu_k)
-        ctx.args = (block, window, sm_scale, key_stride, key_offset, deterministic)
+        ctx.args = (block, window, sm_scale, key_stride, key_offset, atomic_dq)
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, idx, cnt, cu_q, cu_k = ctx.saved_tensors
-        block, window, sm_scale, key_stride, key_offset, deterministic = ctx.args
+        block, window, sm_scale, key_stride, key_offset, atomic_dq = ctx.args
         dq, dk, dv = _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale,
-                               key_stride, key_offset, deterministic)
+                               key_stride, key_offset, atomic_dq)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
@@ -202,10 +226,15 @@ def sparse_attention_core(
     key_stride: int = 1,
     key_offset: int = 0,
     deterministic: bool = False,
+    atomic_dq: bool = False,
 ):
     """Block-sparse attention with every option; returns (out, lse). lse is (Z, Hq, Sq) fp32,
     natural log, -inf for rows with no visible key (their output is 0). key_stride/key_offset
-    place key n at position n*key_stride + key_offset (NSA's compressed keys)."""
+    place key n at position n*key_stride + key_offset (NSA's compressed keys).
+    The default backward is deterministic (separate dQ pass, the fastest on H200);
+    atomic_dq=True adds dQ with fp32 atomics from the dK/dV pass instead (not reproducible)."""
+    if deterministic and atomic_dq:
+        raise ValueError("atomic_dq=True is not deterministic; pass deterministic=False with it")
     _check(q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window)
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
@@ -224,7 +253,7 @@ def sparse_attention_core(
     cu_k = None if cu_seqlens_k is None else cu_seqlens_k.to(torch.int32).contiguous()
     return _BlockSparseAttention.apply(
         _last_contig(q), _last_contig(k), _last_contig(v), idx, cnt, block_size, cu_q, cu_k,
-        window, float(sm_scale), key_stride, key_offset, deterministic,
+        window, float(sm_scale), key_stride, key_offset, atomic_dq,
     )
 
 
@@ -244,7 +273,8 @@ def block_sparse_attention(
     """Causal block-sparse attention. Query block i of KV head h's group attends the KV blocks
     block_idx[z, h, i, :block_count[z, h, i]] (all entries if block_count is None), causally
     masked inside each block (and to `window` tokens if given). Entries must be distinct.
-    Returns out (like q), or (out, lse) with return_lse."""
+    The backward is always deterministic (`deterministic` is accepted for clarity; see
+    sparse_attention_core for the atomic-dQ variant). Returns out (like q), or (out, lse)."""
     out, lse = sparse_attention_core(
         q, k, v, block_idx, block_count, block_size, cu_seqlens, None, window, sm_scale,
         deterministic=deterministic,

@@ -6,15 +6,17 @@ query block that selected this KV block (a reverse index built from the block li
 function.py), so dK/dV are accumulated once and written once: no atomics, and small GQA groups
 still fill the tensor cores along the query dimension.
 
-dQ: either added from the same program with fp32 atomics (fast, order-dependent in the last
-bits), or, with `deterministic`, computed by a separate program per (query block, query head)
-that re-walks the forward's block list (fixed order, bitwise reproducible).
+dQ: by default a separate program per (query block, query head) re-walks the forward's block
+list (fixed order, bitwise reproducible; it also computes delta = rowsum(dO*O) and runs first).
+The alternative adds dQ from the dK/dV program with fp32 atomics (no recomputation of QK^T and
+dO V^T, but order-dependent bits); on H200 it measured 2-3x slower (atomic contention on the
+dQ tiles of popular blocks), so it is opt-in (`atomic_dq=True`).
 """
 
 import triton
 import triton.language as tl
 
-from .kernel_fwd import _seq_bounds
+from .kernel_fwd import _dot, _seq_bounds
 
 LOG2E = 1.4426950408889634
 
@@ -72,17 +74,17 @@ def _bwd_dkdv_kernel(
                 # rows that saw no key have lse -inf; +inf makes their p exactly 0
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
                 delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
-                s_t = tl.dot(k, tl.trans(q)) * qk_scale
+                s_t = _dot(k, tl.trans(q)) * qk_scale
                 keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
                 if HAS_WINDOW:
                     keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
                 p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do)
-                dp_t = tl.dot(v, tl.trans(do))
+                dv += _dot(p_t.to(do.dtype), do)
+                dp_t = _dot(v, tl.trans(do))
                 ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q)
+                dk += _dot(ds_t.to(q.dtype), q)
                 if ATOMIC_DQ:
-                    dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+                    dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
                     dq_ptrs = DQ + bz * sdqz + h * sdqh + (q_start + offs_m)[:, None] * sdqs + offs_d[None, :]
                     tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None])
 
@@ -95,8 +97,8 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, IDX, CNT, CU_Q, CU_K,
-    sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, sdoz, sdoh, sdos, slz, slh, sdqz, sdqh, sdqs,
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, CNT, CU_Q, CU_K,
+    sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, soz, soh, sos, sdoz, sdoh, sdos, slz, slh, sdqz, sdqh, sdqs,
     siz, sih, sim, scz, sch,
     seqlen_q, seqlen_k, qk_scale, sm_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -123,7 +125,10 @@ def _bwd_dq_kernel(
     do = tl.load(DO + bz * sdoz + h * sdoh + rows * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse = tl.load(LSE + bz * slz + h * slh + q_start + offs_m, mask=m_valid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + bz * slz + h * slh + q_start + offs_m, mask=m_valid, other=0.0)
+    # delta = rowsum(dO * O), written for the dK/dV kernel that runs next
+    o = tl.load(O + bz * soz + h * soh + rows * sos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bz * slz + h * slh + q_start + offs_m, delta, mask=m_valid)
     k_base = K + bz * skz + hkv * skh + k_start * sks
     v_base = V + bz * svz + hkv * svh + k_start * svs
     dq = tl.zeros([BLOCK, D], dtype=tl.float32)
@@ -137,15 +142,15 @@ def _bwd_dq_kernel(
             n_valid = offs_n < k_len
             k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = _dot(q, tl.trans(k)) * qk_scale
             kpos = offs_n * K_STRIDE + K_OFF
             keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
             if HAS_WINDOW:
                 keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
+            dp = _dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += _dot(ds.to(k.dtype), k)
 
     dq = dq * sm_scale
     tl.store(DQ + bz * sdqz + h * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),

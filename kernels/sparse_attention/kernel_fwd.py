@@ -10,6 +10,21 @@ costs a few vector ops and keeps the kernel correct for any list.
 import triton
 import triton.language as tl
 
+from .._triton import interpreting
+
+# The interpreter (triton 3.9) multiplies bf16 tiles wrongly; bf16 x bf16 products are exact in
+# fp32, so upcasting there gives what the tensor cores give (fp32 accumulation).
+DOT_UPCAST = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _dot(a, b):
+    if DOT_UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -72,7 +87,7 @@ def _fwd_kernel(
             offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
             n_valid = offs_n < k_len
             k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = _dot(q, tl.trans(k)) * qk_scale
             kpos = offs_n * K_STRIDE + K_OFF
             keep = n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
             if HAS_WINDOW:
@@ -84,7 +99,7 @@ def _fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
             m_i = m_new
 
     empty = l_i == 0.0

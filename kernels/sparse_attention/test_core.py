@@ -1,0 +1,184 @@
+"""Block-sparse core (Triton; interpreter on CPU) against the dense-mask reference in fp64:
+output, LSE, dQ, dK, dV; fp32 and bf16; ragged lengths, GQA 1/4/8, head dim 64/128, packed
+sequences, windows, empty rows, both backward modes."""
+
+import pytest
+import torch
+
+from sparsetron.kernels.sparse_attention.function import (
+    block_sparse_attention,
+    reverse_block_index,
+    sparse_attention_core,
+)
+from sparsetron.kernels.sparse_attention.reference import block_lists_to_mask, reference_block_sparse_attention
+from sparsetron.kernels.sparse_attention.selection import window_block_lists
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-2)}  # (out/lse, grads)
+
+
+def random_lists(z, h, nqb, maxsel, gen, with_diagonal=True, nkb=None):
+    """Distinct causal KV blocks per query block (random subset), optionally forcing the diagonal."""
+    nkb = nqb if nkb is None else nkb
+    scores = torch.rand(z, h, nqb, nkb, generator=gen)
+    i = torch.arange(nqb)[:, None]
+    j = torch.arange(nkb)[None, :]
+    scores = scores.masked_fill(j > i, -1.0)
+    if with_diagonal:
+        scores = scores.masked_fill(j == i, 2.0)
+    k = min(maxsel, nkb)
+    top = scores.topk(k, dim=-1)
+    count = (top.values >= 0).sum(-1)
+    if not with_diagonal:  # some rows shorter (or empty) on purpose
+        count = torch.minimum(count, torch.randint(0, k + 1, count.shape, generator=gen))
+    idx = torch.where(torch.arange(k) < count[..., None], top.indices, 0)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(q, k, v, idx, cnt, block, dtype, deterministic=False, cu=None, window=None, key_stride=1, key_offset=0,
+                            atomic_dq=False):
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = sparse_attention_core(q, k, v, idx, cnt, block, cu_seqlens_q=cu, window=window,
+                                     key_stride=key_stride, key_offset=key_offset, deterministic=deterministic,
+                                     atomic_dq=atomic_dq)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference_block_sparse_attention(q64, k64, v64, idx, cnt, block, cu, None, window, None,
+                                                    key_stride, key_offset)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
+    tol_o, tol_g = TOL[dtype]
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    for t in (out, lse, *grads):
+        assert not torch.isnan(t).any()
+    assert rel(out, ref) < tol_o, rel(out, ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel(lse[finite], ref_lse[finite]) < tol_o
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel(g, r) < tol_g, (name, rel(g, r))
+    return out, grads
+
+
+CASES = [
+    # batch, q heads, kv heads, seq, head dim, block, max selected
+    (2, 4, 4, 100, 64, 16, 3),  # GQA 1, ragged
+    (1, 8, 2, 131, 64, 32, 3),  # GQA 4
+    (1, 8, 1, 96, 128, 32, 2),  # GQA 8, head dim 128
+    (1, 2, 1, 150, 64, 64, 2),  # the production block size, ragged
+    (1, 2, 2, 200, 64, 128, 2),  # block 128, ragged
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_hq{}_hkv{}_s{}_d{}_blk{}_sel{}".format(*c))
+def test_core_matches_reference(case, dtype):
+    b, hq, hkv, s, d, block, maxsel = case
+    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), maxsel, gen)
+    check_against_reference(q, k, v, idx, cnt, block, dtype)
+
+
+def test_deterministic_backward_is_bitwise_reproducible_and_matches():
+    gen = torch.Generator().manual_seed(1)
+    b, hq, hkv, s, d, block = 1, 4, 1, 90, 64, 16
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), 4, gen)
+    torch.manual_seed(0)
+    _, g1 = check_against_reference(q, k, v, idx, cnt, block, torch.float32, deterministic=True)
+    torch.manual_seed(0)
+    _, g2 = check_against_reference(q, k, v, idx, cnt, block, torch.float32, deterministic=True)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_atomic_dq_variant(dtype):
+    """The opt-in backward that adds dQ with atomics from the dK/dV pass."""
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, s, d, block = 1, 8, 2, 110, 64, 16
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), 3, gen)
+    check_against_reference(q, k, v, idx, cnt, block, dtype, atomic_dq=True)
+    with pytest.raises(ValueError, match="atomic_dq"):
+        sparse_attention_core(q, k, v, idx, cnt, block, deterministic=True, atomic_dq=True)
+
+
+def test_empty_rows_and_short_lists():
+    """Lists without the diagonal, some empty: those rows give 0 output, -inf LSE, no NaN."""
+    gen = torch.Generator().manual_seed(2)
+    b, hq, hkv, s, d, block = 1, 2, 2, 80, 64, 16
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), 3, gen, with_diagonal=False)
+    cnt[0, 0, 2] = 0  # a whole query block with no key
+    out, _ = check_against_reference(q, k, v, idx, cnt, block, torch.float32)
+    empty = block_lists_to_mask(idx, cnt, block, s, s).sum(-1) == 0  # (b, hkv, s)
+    assert (out.detach().abs().sum(-1)[empty.repeat_interleave(hq // hkv, 1)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_varlen(dtype):
+    gen = torch.Generator().manual_seed(3)
+    lens = [37, 80, 16, 61]
+    hq, hkv, d, block = 4, 2, 64, 16
+    total = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = torch.randn(1, hq, total, d, generator=gen), torch.randn(1, hkv, total, d, generator=gen), torch.randn(1, hkv, total, d, generator=gen)
+    nqb = -(-max(lens) // block)
+    idx, cnt = random_lists(len(lens), hkv, nqb, 3, gen)
+    # blocks past a sequence's end must not be listed: clip each sequence's lists
+    for z, n in enumerate(lens):
+        nb = -(-n // block)
+        cnt[z, :, nb:] = 0
+    check_against_reference(q, k, v, idx, cnt, block, dtype, cu=cu)
+
+
+def test_window_and_compressed_key_positions():
+    """Token-exact window mask, and keys placed at n*stride+offset (NSA's compressed keys)."""
+    gen = torch.Generator().manual_seed(4)
+    b, hq, hkv, s, d, block, window = 1, 4, 2, 120, 64, 16, 40
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = window_block_lists(s, block, window)
+    idx, cnt = idx.expand(b, hkv, -1, -1), cnt.expand(b, hkv, -1)
+    check_against_reference(q, k, v, idx, cnt, block, torch.float32, window=window)
+    # the lists + window give exactly the sliding-window causal mask
+    mask = block_lists_to_mask(idx, cnt, block, s, s, window=window)[0, 0]
+    t = torch.arange(s)
+    assert torch.equal(mask, (t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window))
+    # compressed keys: 13 keys, key n at position 8n + 15
+    kc, vc = torch.randn(b, hkv, 13, d, generator=gen), torch.randn(b, hkv, 13, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), 1, gen, nkb=1)
+    cnt.fill_(1)
+    check_against_reference(q, kc, vc, idx, cnt, block, torch.float32, key_stride=8, key_offset=15)
+
+
+def test_reverse_index_lists_every_selection_once():
+    gen = torch.Generator().manual_seed(5)
+    idx, cnt = random_lists(2, 3, 9, 4, gen)
+    off, rev = reverse_block_index(idx, cnt, 9)
+    for r in range(6):
+        z, h = divmod(r, 3)
+        for j in range(9):
+            got = sorted(rev[off[r, j]:off[r, j + 1]].tolist())
+            want = sorted(i for i in range(9) if j in idx[z, h, i, : cnt[z, h, i]].tolist())
+            assert got == want
+
+
+def test_public_entry_defaults_and_errors():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(1, 2, 40, 64, generator=gen), torch.randn(1, 1, 40, 64, generator=gen), torch.randn(1, 1, 40, 64, generator=gen)
+    idx = torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1)  # diagonal blocks only
+    out, lse = block_sparse_attention(q, k, v, idx, block_size=16, return_lse=True)
+    ref, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, torch.ones(1, 1, 3, dtype=torch.int32), 16)
+    assert rel(out, ref) < 2e-5
+    with pytest.raises(ValueError, match="block_size"):
+        block_sparse_attention(q, k, v, idx, block_size=48)
+    with pytest.raises(ValueError, match="head_dim"):
+        block_sparse_attention(q[..., :48], k[..., :48], v[..., :48], idx, block_size=16)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        block_sparse_attention(q[:, :1], torch.cat([k, k], 1), torch.cat([v, v], 1), idx.expand(1, 2, 3, 1), block_size=16)
+    with pytest.raises(ValueError, match="query blocks"):
+        block_sparse_attention(q, k, v, idx[:, :, :2], block_size=16)
