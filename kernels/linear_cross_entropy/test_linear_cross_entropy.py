@@ -7,21 +7,12 @@ import torch
 from sparsetron.kernels.linear_cross_entropy import function as lce_function
 from sparsetron.kernels.linear_cross_entropy import kernel as lce_kernel
 from sparsetron.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+from sparsetron.kernels.testing import TOL, rel_err
 
 
 @pytest.fixture(autouse=True)
-def device():
-    """Run on the GPU when there is one, else on CPU through the Triton interpreter."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with dev:  # default device for tensor factories inside the test
-        yield dev
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def _on_device(device):  # kernels/conftest.py: the GPU if there is one, else the Triton interpreter
+    yield
 
 
 def _inputs(n, d, v, dtype, ignore_frac=0.2, seed=0):

@@ -8,21 +8,12 @@ from sparsetron.kernels.rope import function as rope_function
 from sparsetron.kernels.rope import kernel as rope_kernel
 from sparsetron.train.model.rope import apply_rope as model_apply_rope
 from sparsetron.train.model.rope import rope_tables
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+from sparsetron.kernels.testing import TOL, rel_err
 
 
 @pytest.fixture(autouse=True)
-def device():
-    """Run on the GPU when there is one, else on CPU through the Triton interpreter."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with dev:  # default device for tensor factories inside the test
-        yield dev
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def _on_device(device):  # kernels/conftest.py: the GPU if there is one, else the Triton interpreter
+    yield
 
 
 def _qkv_views(b, s, hq, hk, d, dtype):

@@ -5,21 +5,12 @@ import torch
 
 from sparsetron.kernels.swiglu import function as swiglu_function
 from sparsetron.kernels.swiglu import swiglu, swiglu_reference
-
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+from sparsetron.kernels.testing import TOL, rel_err
 
 
 @pytest.fixture(autouse=True)
-def device():
-    """Run on the GPU when there is one, else on CPU through the Triton interpreter."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with dev:  # default device for tensor factories inside the test
-        yield dev
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def _on_device(device):  # kernels/conftest.py: the GPU if there is one, else the Triton interpreter
+    yield
 
 
 def _run(fn, gate, up, dy):
