@@ -18,7 +18,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from .function import Blocks, default_blocks, moe_experts
+from .function import default_blocks, moe_experts
 from .grouped_mm_anchor import grouped_mm_available, moe_experts_grouped_mm
 from .reference import moe_experts_reference
 from .router import Router

@@ -188,7 +188,6 @@ def run_shape(report, s, hkv, device, flex_compiled, save):
                                       grad_to_none=grads)
         row["speedup_vs_flex_fwd"] = row["flex_fwd_ms"] / row["ours_fwd_ms"]
         row["speedup_vs_flex_fwdbwd"] = row["flex_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
-        del bm
     except Exception as e:  # keep the rest of the run
         row["flex_error"] = repr(e)[:300]
     save()

@@ -11,7 +11,6 @@ Z = 1 and cu_seqlens (n_seq + 1,) int32 gives sequence boundaries along S; block
 from typing import Optional
 
 import torch
-import triton
 
 from .._triton import interpreting, triton_usable
 from .kernel_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
