@@ -19,4 +19,4 @@ class ModelConfig:
     init_std: float = 0.02
     mlp: str = "swiglu"  # registered MLP: "swiglu" (dense) or "moe" (configs/moe)
     fused_kernels: bool = False  # Triton RMSNorm/RoPE/SwiGLU/linear-CE where the device allows
-    activation_checkpointing: str = "none"  # none | attention | full
+    activation_checkpointing: str = "none"  # none | attention | selective | full (train/model/checkpointing.py)

@@ -35,7 +35,7 @@ def _model(m) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError("model.n_kv_heads", f"n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
     _choice("model.mlp", m.mlp, ["swiglu", "moe"])
-    _choice("model.activation_checkpointing", m.activation_checkpointing, ["none", "attention", "full"])
+    _choice("model.activation_checkpointing", m.activation_checkpointing, ["none", "attention", "selective", "full"])
 
 
 def _moe(m) -> None:

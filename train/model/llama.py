@@ -7,10 +7,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from . import attention as _attention  # noqa: F401  (registers "dense")
 from . import mlp as _mlp  # noqa: F401  (registers "swiglu")
+from .checkpointing import apply_policy, run_block
 from .norm import RMSNorm
 from .registry import get_attention, get_mlp
 from .rope import rope_tables
@@ -24,8 +24,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = get_mlp(cfg.mlp)(cfg, moe_cfg, layer_idx)
         self.fused = cfg.fused_kernels
+        self.checkpoint = "none"  # block-level policy (selective | full), set by checkpointing.apply_policy
+        self.checkpoint_context_fn = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # checkpointing happens in here, so that a compiled block (block.compile()) traces it too
+        return run_block(self.layer, self.checkpoint, x, cos, sin, context_fn=self.checkpoint_context_fn)
+
+    def layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.fused:  # one kernel for "residual add + norm" instead of two passes over x
             from sparsetron.kernels.rmsnorm import rms_norm
 
@@ -51,10 +57,7 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.checkpoint_blocks = cfg.activation_checkpointing == "full"
-        if cfg.activation_checkpointing == "attention":
-            for block in self.layers:
-                block.attn.checkpoint_core = True
+        apply_policy(self, cfg.activation_checkpointing)  # none | attention | selective | full
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,10 +91,7 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         x = self.embed(tokens)
         for block in self.layers:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin)
+            x = block(x, cos, sin)
             if hidden_states is not None:
                 hidden_states.append(x)
         return self.norm(x)

@@ -1,0 +1,138 @@
+"""Activation-checkpointing policies (same gradients as none, and each recomputes what it says) and
+the dense speed benchmark's accounting (`--dry-run`: CPU, tiny model, no torchtitan)."""
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sparsetron.benchmarks.dense_speed import MODEL_TINY, classify_kernel, main
+from sparsetron.configs.schema import ModelConfig
+from sparsetron.train.model import Llama
+from sparsetron.train.model.checkpointing import POLICIES, check_policy
+
+SMALL = dict(vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+
+
+def _grads(model, tokens, targets):
+    loss = model(tokens, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_policies_give_the_gradients_of_no_checkpointing(fused):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 211, (2, 21))
+    targets = torch.randint(0, 211, (2, 21))
+    base = Llama(ModelConfig(**SMALL, fused_kernels=fused))
+    ref_loss, ref = _grads(base, tokens, targets)
+    for policy in POLICIES[1:] if not fused else ("selective", "full"):
+        model = Llama(ModelConfig(**SMALL, fused_kernels=fused, activation_checkpointing=policy))
+        model.load_state_dict(base.state_dict())
+        loss, grads = _grads(model, tokens, targets)
+        assert torch.equal(loss, ref_loss), policy
+        for name, g in ref.items():
+            # recomputation runs the same ops on the same inputs: equal up to summation order
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=f"{policy} {name}")
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(policy):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(**SMALL, activation_checkpointing=policy))
+    tokens = torch.randint(0, 211, (2, 16))
+    loss = model(tokens, tokens.roll(-1, 1))
+    with _CountOps() as mode:
+        loss.backward()
+    return mode.counts
+
+
+def test_policies_recompute_what_they_say():
+    none, selective, full = (_backward_ops(p) for p in ("none", "selective", "full"))
+    matmuls = lambda c: c.get("mm", 0) + c.get("addmm", 0) + c.get("bmm", 0)  # noqa: E731
+    norms = lambda c: c.get("rsqrt", 0)  # noqa: E731
+    # selective keeps every matmul output: no matmul reruns, but the norms are recomputed
+    assert matmuls(selective) == matmuls(none)
+    assert norms(selective) > norms(none)
+    # full reruns each block's forward up to its last needed tensor: q, k, v, o, gate, up (the
+    # down projection's output is never saved, so checkpoint's early stop skips it)
+    assert matmuls(full) == matmuls(none) + 6 * SMALL["n_layers"]
+
+
+def test_bad_policy_is_one_clear_error():
+    with pytest.raises(ValueError, match="activation_checkpointing.*allowed: none, attention, selective, full"):
+        check_policy("some")
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        Llama(ModelConfig(**SMALL, activation_checkpointing="everything"))
+
+
+def test_dry_run_flops_and_mfu_match_a_hand_computation(tmp_path):
+    out = tmp_path / "dense_speed.json"
+    peak_tflops = 1e-3
+    main(["--dry-run", "--out", str(out), "--variants", "eager+torch", "--seqs", "48",
+          "--warmup", "1", "--steps", "2", "--micro-batch", "3", "--peak-tflops", str(peak_tflops)])
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert "error" not in r and r["seq_len"] == 48 and r["micro_batch"] == 3
+
+    m = MODEL_TINY
+    d, L, V, f, hd = m["dim"], m["n_layers"], m["vocab_size"], m["ffn_dim"], m["dim"] // m["n_heads"]
+    per_layer = d * d + 2 * d * (m["n_kv_heads"] * hd) + d * d + 3 * d * f + 2 * d  # q, k+v, o, MLP, 2 norms
+    params = V * d + L * per_layer + d + (0 if m["tie_embeddings"] else V * d)  # embed, blocks, norm, head
+    assert r["n_params"] == params
+    flops = 6 * (params - V * d) + 12 * L * d * 48  # PaLM: 6N without the embedding + attention
+    assert r["flops_per_token"] == flops
+    assert r["tokens_per_s"] == pytest.approx(3 * 48 / r["step_s"], rel=1e-12)
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / (peak_tflops * 1e12), rel=1e-12)
+    assert report["summary"]["48"]["best_variant"] == "eager+torch"
+
+
+@pytest.mark.parametrize("name,group", [
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmuls"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_NTN", "matmuls"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norms"),
+    ("_rms_norm_fwd_kernel", "norms"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<...>", "loss"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MeanOps<float>>>", "norms"),
+    ("triton_tem_fused_flex_attention_backward_0", "attention"),
+    ("_linear_ce_fwd_kernel", "loss"),
+    ("void at::native::fused_adam_kernel<...>", "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "other"),
+])
+def test_kernel_names_fall_in_the_right_group(name, group):
+    assert classify_kernel(name) == group
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.parametrize("policy", ["none", "selective", "full"])
+def test_compiled_blocks_trace_whole_and_match_eager(policy):
+    """block.compile(fullgraph=True): no graph break, the checkpoint policy traced inside."""
+    torch.manual_seed(0)
+    eager = Llama(ModelConfig(**SMALL))
+    compiled = Llama(ModelConfig(**SMALL, activation_checkpointing=policy))
+    compiled.load_state_dict(eager.state_dict())
+    for block in compiled.layers:
+        block.compile(fullgraph=True)
+    tokens = torch.randint(0, 211, (2, 32))
+    try:
+        ref_loss, ref = _grads(eager, tokens, tokens.roll(-1, 1))
+        loss, grads = _grads(compiled, tokens, tokens.roll(-1, 1))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
