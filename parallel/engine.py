@@ -1,15 +1,25 @@
 """Engines: how one optimizer step runs over the ranks, and what a checkpoint holds.
 
 The trainer owns the loop (data order, schedule, logging, checkpoint timing); an engine owns the
-forward/backward/optimizer of a step for one parallel layout. `build_engine` picks one from the
-config. DataParallelEngine covers one process and plain DDP."""
+forward/backward/optimizer of a step for one parallel layout. `build_engine` builds the process
+groups (groups.py) and picks one engine from the config (legality.resolve_engine):
+
+- DataParallelEngine: one process, or plain DDP (tp = pp = 1, no ZeRO);
+- NativeEngine (native.py): tensor/sequence/pipeline/expert parallel, DP by gradient all-reduce,
+  ZeRO-1 through torch's ZeroRedundancyOptimizer;
+- DeepSpeedEngine (deepspeed_engine.py): ZeRO 0-3 and CPU/NVMe offload, with or without TP.
+
+Every engine: train_step(batches, lr) -> {loss, grad_norm}; eval_loss(x, y); save_checkpoint(dir)
+and load_checkpoint(path) (collective; formats in reshard.py); dp_rank / dp_size; model."""
 
 import contextlib
 from typing import Dict, List, Tuple
 
 import torch
 
+from .groups import ParallelGroups, build_groups
 from .runtime import Runtime
+from .sharded_state import ShardedStateMixin
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -22,15 +32,17 @@ def autocast_factory(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
-class DataParallelEngine:
+class DataParallelEngine(ShardedStateMixin):
     """One process, or DDP over all ranks (gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, runtime: Runtime):
+    def __init__(self, model: torch.nn.Module, cfg, runtime: Runtime, groups: ParallelGroups = None):
         from sparsetron.train.optim import build_optimizer
 
         self.cfg, self.rt = cfg, runtime
+        self.g = groups or ParallelGroups(dp=runtime.world_size, rank=runtime.rank, dp_rank=runtime.rank)
         self.model = model.to(runtime.device)  # unwrapped: eval, export, checkpoints
         self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
         self.autocast = autocast_factory(cfg.train.precision, runtime.device)
         self.wrapped = self.model
@@ -66,20 +78,13 @@ class DataParallelEngine:
         with self.autocast():
             return self.model(x, y).float()
 
-    # -- checkpoints: every rank holds everything, so rank 0 writes one copy
-    def checkpoint_files(self) -> Dict[str, object]:
-        from sparsetron.train.checkpoint import unique_tensors
+    # -- checkpoints (sharded_state.py): every rank holds everything, so dp rank 0 writes one copy
+    def local_modules(self):
+        return [self.model]
 
-        return {"model.safetensors": unique_tensors(self.model.state_dict()), "optimizer.pt": self.optimizer.state_dict()}
-
-    def load_checkpoint(self, path: str) -> None:
-        from sparsetron.train import checkpoint as ckpt
-
-        ckpt.load_model_weights(self.model, ckpt.read_tensors(path, "model.safetensors"), path)
-        try:
-            self.optimizer.load_state_dict(ckpt.read_torch(path, "optimizer.pt", self.rt.device))
-        except (ValueError, KeyError) as err:
-            raise ckpt.CheckpointError(f"{path}/optimizer.pt does not fit this optimizer ({err})") from None
+    def layout_info(self) -> dict:
+        return {"tp": 1, "pp": 1, "dp": self.dp_size, "cp": 1, "ep": 1, "zero_stage": 0, "engine": "native",
+                "stages": None}
 
     def compile_blocks(self) -> None:
         for block in self.model.layers:
@@ -87,4 +92,18 @@ class DataParallelEngine:
 
 
 def build_engine(model: torch.nn.Module, cfg, runtime: Runtime):
-    return DataParallelEngine(model, cfg, runtime)
+    """Process groups for cfg.parallel (legality was checked by validate), then the engine."""
+    from .legality import resolve_engine
+
+    p = cfg.parallel
+    groups = build_groups(p, runtime)
+    kind = resolve_engine(p)
+    if kind == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, runtime, groups)
+    if groups.tp == groups.pp == groups.ep == 1 and p.zero_stage == 0:
+        return DataParallelEngine(model, cfg, runtime, groups)
+    from .native import NativeEngine
+
+    return NativeEngine(model, cfg, runtime, groups)

@@ -49,7 +49,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> Runtime:
+def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: Optional[float] = None) -> Runtime:
+    from sparsetron.launch.slurm_env import apply_slurm_env
+    from sparsetron.train.resilience import dist_timeout
+
+    apply_slurm_env()  # ranks started by srun/submitit without torchrun; a no-op under torchrun
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -60,7 +64,8 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: float =
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = dist_timeout() if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return Runtime(rank, world, local_rank, dev, backend)
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import uuid
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -66,25 +66,75 @@ def write_files(directory: str, files: Dict[str, object]) -> None:
         _fsync_file(path)
 
 
-def save(root: str, step: int, files: Dict[str, object], keep_last: int) -> str:
-    """Atomically write `files` as checkpoint `step` under `root`; prune old ones. Returns its path."""
-    os.makedirs(root, exist_ok=True)
+def save(root: str, step: int, files: Dict[str, object], keep_last: int, runtime=None,
+         rank_writer: Optional[Callable[[str], None]] = None) -> str:
+    """Atomically write checkpoint `step` under `root`; prune old ones. Returns its path.
+
+    `files` are written by the main rank. With a distributed `runtime`, this is collective: rank 0
+    creates the temp dir, every rank runs `rank_writer(temp_dir)` (its shards), all ranks agree
+    that every write succeeded, and only then rank 0 writes COMPLETE and renames. A failure on
+    any rank removes the temp dir everywhere and raises on every rank."""
+    distributed = runtime is not None and runtime.distributed
+    is_main = runtime is None or runtime.is_main
     final = os.path.join(root, f"step_{step:08d}")
     tmp = os.path.join(root, f".tmp-step_{step:08d}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    if distributed:
+        tmp = _broadcast_str(tmp)
+    if is_main:
+        os.makedirs(root, exist_ok=True)
+        os.makedirs(tmp)
+    if distributed:
+        runtime.barrier()
+    error: Optional[BaseException] = None
     try:
-        write_files(tmp, files)
-        write_files(tmp, {COMPLETE: f"step {step}\n"})
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving a step (e.g. a resumed run): replace the old copy
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
+        if rank_writer is not None:
+            rank_writer(tmp)
+        if is_main:
+            write_files(tmp, files)
+    except BaseException as err:  # noqa: BLE001 (re-raised below, after the ranks agree)
+        error = err
+    if distributed and not _all_ok(error is None):
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise CheckpointError(f"{final}: another rank failed while writing its shards; nothing was committed")
+    if error is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune(root, keep_last)
+        raise error
+    if is_main:
+        try:
+            write_files(tmp, {COMPLETE: f"step {step}\n"})
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # re-saving a step (e.g. a resumed run): replace the old copy
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        prune(root, keep_last)
+    if distributed:
+        runtime.barrier()
     return final
+
+
+def _broadcast_str(value: str) -> str:
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_ok(ok: bool) -> bool:
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def list_complete(root: str) -> List[str]:

@@ -14,9 +14,10 @@ from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
 from . import checkpoint as ckpt
 from .data import Data, ResumableSampler, build_data
 from .loader import Prefetcher
-from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses
+from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, routing_metrics
 from .model import Llama
 from .optim import lr_at
+from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
 
 MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
 
@@ -48,6 +49,9 @@ class Trainer:
         self.peak = peak_flops(runtime.device)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.sink = MetricsSink(cfg, self.run_dir, runtime.is_main, self.step, t.max_steps)
+        # SIGUSR1/SIGTERM only set a flag; the loop checkpoints and exits for requeue after the step
+        self.preempt = PreemptionHandler().install()
+        self.watchdog = Watchdog.from_env(rank=runtime.rank)
         if runtime.is_main:
             OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"))
             print(f"sparsetron: {n_params / 1e6:.1f}M params, {len(self.data.train)} train / {len(self.data.val)} "
@@ -83,14 +87,15 @@ class Trainer:
         self.step = state["step"]
 
     def save(self) -> None:
+        """Collective: rank 0 writes the run state, every rank its engine shards (checkpoint.save)."""
+        self.sampler.consumed_samples = self.step * self.cfg.train.global_batch_size
+        files = {}
         if self.rt.is_main:
-            self.sampler.consumed_samples = self.step * self.cfg.train.global_batch_size
             rng = {"cpu": torch.get_rng_state()}
             if self.rt.device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(self.rt.device)
             model_cfg = OmegaConf.to_container(self.cfg.model, resolve=True)
             files = {
-                **self.engine.checkpoint_files(),
                 "rng.pt": rng,
                 "trainer_state.json": {
                     "step": self.step,
@@ -100,8 +105,8 @@ class Trainer:
                 },
                 "config.yaml": OmegaConf.to_yaml(self.cfg),
             }
-            ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last)
-        self.rt.barrier()
+        ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last, runtime=self.rt,
+                  rank_writer=self.engine.save_checkpoint)
 
     # ---------------------------------------------------------------------------------- steps
     def _micro_batches(self, step: int):
@@ -128,20 +133,26 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         t, c = self.cfg.train, self.cfg.checkpoint
         prefetch = Prefetcher(self._micro_batches, self.rt.device, self.cfg.data.prefetch)
-        summary: Dict[str, float] = {"start_step": self.step}
+        summary: Dict[str, float] = {"start_step": self.step, "preempted": False}
+        self.watchdog.start()
         try:
             if self.step == 0 and t.eval_every:
                 summary["first_val_loss"] = self._log_val()
             while self.step < t.max_steps:
                 start = time.perf_counter()
                 batches = prefetch.get(self.step)
-                metrics = self.train_step(batches)
-                if self.rt.device.type == "cuda":
-                    torch.cuda.synchronize(self.rt.device)
+                with self.watchdog.collective("train step (forward, backward, gradient all-reduce)"):
+                    metrics = self.train_step(batches)
+                    if self.rt.device.type == "cuda":
+                        torch.cuda.synchronize(self.rt.device)
                 dt = time.perf_counter() - start
                 self.step += 1
+                self.watchdog.beat(self.step)
                 record = {"kind": "train", "step": self.step, **metrics, "step_time_s": dt,
                           "tokens_per_s": self.tokens_per_step / dt, "mem_gib": peak_memory_gib(self.rt.device)}
+                if self.cfg.model.mlp == "moe":
+                    with_loads = bool(t.eval_every) and self.step % t.eval_every == 0
+                    record.update(routing_metrics(self.model, with_loads))
                 if self.peak:
                     record["mfu"] = self.flops_per_token * self.tokens_per_step / dt / (self.peak * self.rt.world_size)
                 if self.step % self.cfg.logging.log_every == 0 or self.step == t.max_steps:
@@ -149,11 +160,23 @@ class Trainer:
                 summary.update(loss=metrics["loss"], tokens_per_s=record["tokens_per_s"], mfu=record.get("mfu", 0.0))
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     summary["final_val_loss"] = self._log_val()
+                with self.watchdog.collective("preemption vote (all-reduce)"):
+                    stop = self.preempt.stop_agreed()
+                if stop:
+                    if self.rt.is_main:
+                        print(f"sparsetron: {self.preempt.signal_name} at step {self.step}: checkpointing, then "
+                              f"exit {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    summary["preempted"] = True
+                    break
                 if c.every and self.step % c.every == 0 and self.step < t.max_steps:
+                    with self.watchdog.suspended():
+                        self.save()
+            if c.save_final or summary["preempted"]:
+                with self.watchdog.suspended():
                     self.save()
-            if c.save_final:
-                self.save()
         finally:
+            self.watchdog.stop()
+            self.preempt.uninstall()
             prefetch.close()
             self.sink.close()
         if self.rt.is_main and self.cfg.logging.plot:

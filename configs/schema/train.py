@@ -14,3 +14,4 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile each block
     deterministic: bool = False  # torch deterministic algorithms (slower on GPU)
+    init_from: str = ""  # start from these weights: a sparsetron checkpoint dir or an HF Llama folder

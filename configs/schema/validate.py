@@ -91,6 +91,9 @@ def _train(t, m) -> None:
         raise ConfigError("train.seq_len", f"got {t.seq_len}, must be <= model.max_seq_len={m.max_seq_len}")
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _choice("train.precision", t.precision, ["auto", "bf16", "fp32"])
+    if t.init_from and not os.path.isdir(os.path.expanduser(t.init_from)):
+        raise ConfigError("train.init_from", f"{t.init_from!r} is not a directory; give a sparsetron checkpoint "
+                          f"(runs/<name>/checkpoints/step_XXXXXXXX) or a Hugging Face Llama folder")
 
 
 def data_parallel_size(p, world_size: int) -> int:

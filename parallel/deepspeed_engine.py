@@ -1,0 +1,204 @@
+"""Data parallel with DeepSpeed ZeRO (stages 0-3), optimizer/parameter offload to CPU or NVMe
+(ZeRO-Offload / ZeRO-Infinity), composed with tensor parallel through DeepSpeed's `mpu` hook.
+
+The JSON comes from deepspeed_config.py. Checkpoints: DeepSpeed's own files (same-layout exact
+resume, under <ckpt>/deepspeed/) plus the weights in the layout-independent shard format of
+reshard.py, so convert / HF export work from a DeepSpeed run as from any other."""
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from . import reshard as rs
+from .engine import Batch
+from .groups import ParallelGroups
+from .runtime import Runtime
+from .tensor_parallel import parallelize, sequence_parallel_params
+
+DS_TAG = "deepspeed"
+
+
+def prepare_deepspeed_env(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator from the environment: say CPU explicitly when training there,
+    and skip the JIT build of its shared-memory all-reduce op (used only by inference_all_reduce;
+    a multi-minute C++ compile on a small CPU machine)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: torch.nn.Module, cfg, runtime: Runtime, groups: ParallelGroups):
+        prepare_deepspeed_env(runtime.device)
+        import deepspeed
+
+        from sparsetron.train.optim import build_optimizer
+
+        from .deepspeed_config import deepspeed_config
+
+        self.cfg, self.rt, self.g = cfg, runtime, groups
+        self.dp_rank, self.dp_size = groups.dp_rank, groups.dp
+        if not any(hasattr(prm, "ds_id") for prm in model.parameters()):  # not built under zero.Init
+            model = model.to(runtime.device)
+        else:  # zero.Init partitioned the parameters; buffers (RoPE tables) still need the device
+            for module in model.modules():
+                for name, buf in module._buffers.items():
+                    if buf is not None:
+                        module._buffers[name] = buf.to(runtime.device)
+        self.model = parallelize(model, groups, cfg.parallel)
+        if groups.tp > 1 and cfg.parallel.sequence_parallel:
+            for prm in sequence_parallel_params(self.model):  # partial grads (own sequence slice): sum over tp
+                prm.register_hook(self._tp_sum_hook)
+        self.ds_config = deepspeed_config(cfg, groups.dp, runtime.device)
+        client_opt = None
+        if "optimizer" not in self.ds_config:
+            client_opt = build_optimizer(self.model, cfg.optim, torch.device("cpu") if self._offloaded() else runtime.device)
+        if not runtime.distributed:  # ZeRO needs a process group even for one process
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                               ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend=runtime.backend or ("nccl" if runtime.device.type == "cuda" else "gloo"))
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=client_opt, config=self.ds_config,
+            model_parameters=None if client_opt is not None else [p for p in self.model.parameters() if p.requires_grad],
+            mpu=groups.as_deepspeed_mpu() if runtime.distributed else None, dist_init_required=False)
+
+    def _offloaded(self) -> bool:
+        p = self.cfg.parallel
+        return p.offload_optimizer != "none"
+
+    def _tp_sum_hook(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=self.g.tp_group)
+        return grad
+
+    # ------------------------------------------------------------------------------- steps
+    def train_step(self, batches: List[Batch], lr: float) -> Dict[str, float]:
+        self.ds.train()
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.rt.device)
+        norm = None
+        for i, (x, y) in enumerate(batches):
+            loss = self.ds(x, y)
+            aux = self.model.aux_loss()
+            self.ds.backward(loss if aux is None else loss + aux)  # DeepSpeed divides by the accumulation steps
+            if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:  # DeepSpeed reports no norm here
+                from .native import global_grad_norm
+
+                norm = global_grad_norm(self.model.parameters(), self.g)
+            self.ds.step()  # applies the update at the accumulation boundary only
+            total += loss.detach().float()
+        loss = total / len(batches)
+        if self.g.dp > 1:
+            dist.all_reduce(loss, group=self.g.dp_group)
+            loss = loss / self.g.dp
+        norm = self.ds.get_global_grad_norm() if norm is None else norm
+        return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.ds.eval()
+        return self.ds(x, y).float()
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _gathered_weights(self) -> Dict[str, torch.Tensor]:
+        if self.cfg.parallel.zero_stage == 3:
+            import deepspeed
+
+            params = [p for p in self.model.parameters()]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                from sparsetron.train.checkpoint import unique_tensors
+
+                return unique_tensors(self.model.state_dict())
+        from sparsetron.train.checkpoint import unique_tensors
+
+        return unique_tensors(self.model.state_dict())
+
+    def consolidated_state_dict(self):
+        """Collective. The full model's weights on rank 0 (None elsewhere)."""
+        weights = self._gathered_weights()
+        mine = weights if self.g.dp_rank == 0 else None
+        if not self.rt.distributed:
+            return mine
+        parts = [None] * self.rt.world_size if self.rt.is_main else None
+        dist.gather_object(((self.g.tp_rank, 0, 0), mine), parts, dst=0)
+        if not self.rt.is_main:
+            return None
+        return rs._join_shards({k: v for k, v in parts if v is not None}, self.g.tp, 1)
+
+    def layout_info(self) -> dict:
+        p = self.cfg.parallel
+        return {"tp": self.g.tp, "pp": 1, "dp": self.g.dp, "cp": self.g.cp, "ep": self.g.ep, "stages": None,
+                "zero_stage": p.zero_stage, "engine": "deepspeed", "sequence_parallel": bool(p.sequence_parallel),
+                "offload_optimizer": p.offload_optimizer, "offload_param": p.offload_param}
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective. DeepSpeed's files (exact resume) + this tp rank's weights (any-layout reuse)."""
+        from sparsetron.train.checkpoint import write_files
+
+        self.ds.save_checkpoint(directory, tag=DS_TAG, save_latest=False)
+        weights = self._gathered_weights()
+        if self.g.dp_rank == 0:
+            write_files(directory, {rs.model_file(self.g.tp_rank, 0, self.g.tp, 1): weights})
+        if self.rt.is_main:
+            write_files(directory, {rs.LAYOUT: {**self.layout_info(), "optimizer": "deepspeed"}})
+
+    def load_checkpoint(self, path: str) -> None:
+        from sparsetron.train import checkpoint as ckpt
+
+        saved, mine = rs.read_layout(path), self.layout_info()
+        same = saved.get("engine") == "deepspeed" and all(saved.get(k) == mine[k] for k in ("tp", "dp", "zero_stage"))
+        if same:
+            loaded, _ = self.ds.load_checkpoint(path, tag=DS_TAG, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise ckpt.CheckpointError(f"{path}/{DS_TAG}: DeepSpeed could not load its checkpoint")
+            return
+        if saved.get("optimizer") is not None:
+            raise ckpt.CheckpointError(
+                f"{path}: saved at layout engine={saved.get('engine')} tp={saved.get('tp')} pp={saved.get('pp')} "
+                f"dp={saved.get('dp')} zero_stage={saved.get('zero_stage')}; this DeepSpeed run is tp={mine['tp']} "
+                f"dp={mine['dp']} zero_stage={mine['zero_stage']}. Its optimizer state cannot move into DeepSpeed: "
+                f"resume at the saved layout, or convert it to weights only first: "
+                f"python -m sparsetron.parallel.reshard {path} NEW_CKPT --weights-only")
+        self._set_weights(rs.consolidated_weights(path), path)
+
+    def _set_weights(self, full: Dict[str, torch.Tensor], path: str) -> None:
+        """Weights from full tensors into every ZeRO representation (model copy + fp32 master)."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        from sparsetron.train import checkpoint as ckpt
+
+        params = dict(self.model.named_parameters())
+        missing = [n for n in params if n not in full]
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]})")
+        stage3 = self.cfg.parallel.zero_stage == 3
+        for name, prm in params.items():
+            value = rs.tp_slice(name, full[name], self.g.tp, self.g.tp_rank).to(self.rt.device)
+            if stage3:
+                with deepspeed.zero.GatheredParameters([prm], modifier_rank=self.g.dp_ranks[0]):
+                    prm.data.copy_(value)  # every dp rank holds the same value: the broadcast keeps it
+            else:
+                with torch.no_grad():
+                    prm.data.copy_(value.to(prm.dtype))
+            safe_set_full_fp32_param(prm, value.float())
+
+    def compile_blocks(self) -> None:
+        for block in self.model.layers:
+            block.compile()

@@ -1,0 +1,171 @@
+"""Pipeline parallel: the Llama's layers split into stages, run by torch.distributed.pipelining
+schedules (which work on gloo, unlike megatron-core 0.16's CUDA-only ones).
+
+Stages: pp * virtual model chunks, stage s holding `pp_layers[s]` consecutive layers (even split
+by default); the first also holds the embedding, the last the final norm and head. Placement:
+stage s lives on pp rank s % pp (loop: 1F1B, interleaved 1F1B, ZB1P), or on the "V" (rank r holds
+stages r and 2pp-1-r) for ZB-V. A stage module keeps the full model's parameter names
+("layers.7.attn.q_proj.weight"), so checkpoints and resharding see the same names at any layout.
+
+Tied embeddings across stages: the last stage holds its own copy of the embedding as head.weight
+(same initial values); `engine` sums the two gradients over `groups.embed_group` so they stay equal
+(Megatron's embedding group)."""
+
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SCHEDULE_CLASSES = {
+    "gpipe": "ScheduleGPipe",
+    "1f1b": "Schedule1F1B",
+    "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+}
+
+
+def stage_layer_counts(n_layers: int, n_stages: int, explicit: Optional[List[int]] = None) -> List[int]:
+    if explicit:
+        return list(explicit)
+    return [n_layers // n_stages] * n_stages
+
+
+def stage_layers(n_layers: int, n_stages: int, explicit: Optional[List[int]] = None) -> List[List[int]]:
+    """Layer ids of each stage."""
+    out, start = [], 0
+    for count in stage_layer_counts(n_layers, n_stages, explicit):
+        out.append(list(range(start, start + count)))
+        start += count
+    return out
+
+
+def stages_of_rank(pp_rank: int, pp: int, virtual: int, schedule: str) -> List[int]:
+    if schedule == "zbv":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(virtual)]
+
+
+def rank_of_stage(stage: int, pp: int, virtual: int, schedule: str) -> int:
+    for r in range(pp):
+        if stage in stages_of_rank(r, pp, virtual, schedule):
+            return r
+    raise ValueError(f"stage {stage} is not placed")
+
+
+class StageModule(nn.Module):
+    """Layers `layer_ids` of `model` (+ embedding on the first stage, norm and head on the last)."""
+
+    def __init__(self, model: nn.Module, layer_ids: List[int], first: bool, last: bool, seq_shards: int):
+        super().__init__()
+        self.embed = model.embed if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+        self.norm = model.norm if last else None
+        self.head = model.head if last else None
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin  # plain attributes: not saved twice
+        self.checkpoint_blocks = model.checkpoint_blocks
+        self.first, self.last = first, last
+        self.seq_shards = seq_shards  # tp under sequence parallel: hidden states carry S / tp positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[1] if self.first else x.shape[1] * self.seq_shards
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        if self.first:
+            x = self.embed(x)
+        for block in self.layers.values():
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        if self.last:
+            return self.head(self.norm(x))
+        return x.contiguous()  # the strides the next stage expects (SP collectives return transposed views)
+
+
+class Pipeline:
+    """This rank's stage modules, their PipelineStage wrappers and the schedule of a training step."""
+
+    def __init__(self, model: nn.Module, groups, pcfg, micro_batch: int, seq_len: int, n_micro: int,
+                 loss_fn, device: torch.device, dtype: torch.dtype):
+        from torch.distributed.pipelining import PipelineStage
+
+        pp, v = groups.pp, pcfg.pp_virtual_stages if pcfg.pp_schedule != "zbv" else 2
+        self.groups, self.schedule_name, self.virtual = groups, pcfg.pp_schedule, v
+        self.n_stages = pp * v
+        self.layers = stage_layers(model.cfg.n_layers, self.n_stages, list(pcfg.pp_layers) or None)
+        self.local_ids = stages_of_rank(groups.pp_rank, pp, v, pcfg.pp_schedule)
+        sp = groups.tp if getattr(model, "tp_ctx", None) is not None and model.tp_ctx.sp else 1
+        self.seq_shards = sp
+        self.first_rank = rank_of_stage(0, pp, v, pcfg.pp_schedule)
+        self.last_rank = rank_of_stage(self.n_stages - 1, pp, v, pcfg.pp_schedule)
+        self.modules = [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, sp) for s in self.local_ids]
+        hidden = torch.empty(micro_batch, seq_len // sp, model.cfg.dim, dtype=dtype, device=device)
+        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
+        self.hidden_shape, self.hidden_dtype = tuple(hidden.shape), dtype
+        self.stages = []
+        for s, module in zip(self.local_ids, self.modules):
+            kwargs = {"input_args": tokens if s == 0 else hidden}
+            if s != self.n_stages - 1:
+                kwargs["output_args"] = hidden
+            self.stages.append(PipelineStage(module, s, self.n_stages, device, group=groups.pp_group, **kwargs))
+        import torch.distributed.pipelining as pipelining
+
+        cls = getattr(pipelining, SCHEDULE_CLASSES[pcfg.pp_schedule])
+        self.schedule = cls(self.stages[0] if cls.__name__ in ("ScheduleGPipe", "Schedule1F1B") else self.stages,
+                            n_micro, loss_fn=loss_fn)
+        self.loss_fn = loss_fn
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.local_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.local_ids
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """One forward+backward over all micro-batches (x: (n_micro * mb, S)); grads are the mean
+        over micro-batches. Returns the mean loss on the rank holding the last stage, else None."""
+        losses: List[torch.Tensor] = []
+        args = (x,) if self.has_first else ()
+        self.schedule.step(*args, target=y if self.has_last else None, losses=losses if self.has_last else None)
+        return torch.stack([loss.detach().float() for loss in losses]).mean() if self.has_last else None
+
+    @torch.no_grad()
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """Forward-only, stage by stage with point-to-point sends (evaluation)."""
+        g, pp, v = self.groups, self.groups.pp, self.virtual
+        h, loss = None, None
+        for s in range(self.n_stages):
+            owner = rank_of_stage(s, pp, v, self.schedule_name)
+            prev_owner = rank_of_stage(s - 1, pp, v, self.schedule_name) if s else owner
+            if owner != g.pp_rank:
+                continue
+            if s > 0 and prev_owner != g.pp_rank:
+                h = torch.empty(x.shape[0], *self.hidden_shape[1:], dtype=self.hidden_dtype, device=x.device)
+                dist.recv(h, src=g.pp_ranks[prev_owner], group=g.pp_group)
+            module = self.modules[self.local_ids.index(s)]
+            out = module(x if s == 0 else h)
+            if s == self.n_stages - 1:
+                loss = self.loss_fn(out, y)
+            else:
+                h = out
+                next_owner = rank_of_stage(s + 1, pp, v, self.schedule_name)
+                if next_owner != g.pp_rank:
+                    dist.send(h.contiguous(), dst=g.pp_ranks[next_owner], group=g.pp_group)
+        return loss
+
+    def parameters(self):
+        seen = {}
+        for m in self.modules:
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def named_parameters(self):
+        out = {}
+        for m in self.modules:
+            for name, p in m.named_parameters():
+                out.setdefault(name, p)
+        return out
