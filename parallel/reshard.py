@@ -205,18 +205,10 @@ def convert(src: str, dst: str, weights_only: bool = False) -> str:
 
 
 def export_hf_from_checkpoint(src: str, out: str, dtype: torch.dtype) -> str:
-    from omegaconf import OmegaConf
-
-    from sparsetron.configs.schema import Config
-    from sparsetron.train import checkpoint as ckpt
+    from sparsetron.train.export import load_model_from_checkpoint
     from sparsetron.train.hf import export_hf
-    from sparsetron.train.model import Llama
 
-    ckpt.check_complete(src)
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(os.path.join(src, "config.yaml")))
-    model = Llama(cfg.model, cfg.attention, cfg.moe)
-    ckpt.load_model_weights(model, consolidated_weights(src), src)
-    return export_hf(model, out, dtype)
+    return export_hf(load_model_from_checkpoint(src), out, dtype)
 
 
 def main(argv=None) -> int:

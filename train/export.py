@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 
 
 def load_model_from_checkpoint(path: str):
+    """The full (unsharded) model of a checkpoint saved at any parallel layout."""
     from sparsetron.configs.schema import Config
 
     from .model import Llama
@@ -24,8 +25,10 @@ def load_model_from_checkpoint(path: str):
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(cfg_path))
     except Exception as err:
         raise ckpt.CheckpointError(f"{cfg_path}: cannot read the run's config ({err})") from None
+    from sparsetron.parallel.reshard import consolidated_weights
+
     model = Llama(cfg.model, cfg.attention, cfg.moe)
-    ckpt.load_model_weights(model, ckpt.read_tensors(path, "model.safetensors"), path)
+    ckpt.load_model_weights(model, consolidated_weights(path), path)  # any TP/PP/EP layout
     return model
 
 

@@ -27,6 +27,21 @@ def flops_per_token(cfg, seq_len: int, num_params: int, embedding_params: int) -
     return 6.0 * (num_params - embedding_params) + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
+def parameter_counts(model_cfg, attn_cfg=None, moe_cfg=None) -> Dict[str, int]:
+    """Whole-model counts from the config (a meta-device model: no memory, right under any sharding):
+    total, embedding table, and active per token (MoE: only top_k of num_experts experts run)."""
+    from .model import Llama
+
+    with torch.device("meta"):
+        model = Llama(model_cfg, attn_cfg, moe_cfg)
+    total = model.num_params()
+    inactive = 0
+    if model_cfg.mlp == "moe":
+        experts = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 3)  # stacked (E, out, in)
+        inactive = int(experts * (1 - moe_cfg.top_k / moe_cfg.num_experts))
+    return {"total": total, "embedding": model.embed.weight.numel(), "active": total - inactive}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

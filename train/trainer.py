@@ -14,7 +14,8 @@ from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
 from . import checkpoint as ckpt
 from .data import Data, ResumableSampler, build_data
 from .loader import Prefetcher
-from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, routing_metrics
+from .metrics import (MetricsSink, flops_per_token, parameter_counts, peak_flops, peak_memory_gib, plot_losses,
+                      routing_metrics)
 from .model import Llama
 from .optim import lr_at
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
@@ -44,8 +45,9 @@ class Trainer:
             self._load(resume_from)
         if t.compile:
             self.engine.compile_blocks()
-        n_params = self.model.num_params()
-        self.flops_per_token = flops_per_token(cfg.model, t.seq_len, n_params, self.model.embed.weight.numel())
+        counts = parameter_counts(cfg.model, cfg.attention, cfg.moe)
+        n_params = counts["total"]
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len, counts["active"], counts["embedding"])
         self.peak = peak_flops(runtime.device)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.sink = MetricsSink(cfg, self.run_dir, runtime.is_main, self.step, t.max_steps)
