@@ -45,6 +45,10 @@ class DataParallelEngine(ShardedStateMixin):
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
         self.autocast = autocast_factory(cfg.train.precision, runtime.device)
+        # Optional plug-ins (N:M fine-tuning): objective(model, x, y) -> {"loss" (backward), "ce" (logged)};
+        # step hooks get before_optimizer_step() after the last backward, after_optimizer_step() after the step.
+        self.objective = None
+        self.step_hooks: list = []
         self.wrapped = self.model
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -61,15 +65,23 @@ class DataParallelEngine(ShardedStateMixin):
         for i, (x, y) in enumerate(batches):
             sync = i == n - 1 or not self.rt.distributed
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast():
-                loss = self.wrapped(x, y)
-                aux = self.model.aux_loss()
-                objective = loss if aux is None else loss + aux
+                if self.objective is None:
+                    loss = self.wrapped(x, y)
+                    aux = self.model.aux_loss()
+                    objective = loss if aux is None else loss + aux
+                else:
+                    out = self.objective(self.wrapped, x, y)
+                    objective, loss = out["loss"], out["ce"]
             (objective / n).backward()
             total += loss.detach()
+        for hook in self.step_hooks:
+            hook.before_optimizer_step()
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for hook in self.step_hooks:
+            hook.after_optimizer_step()
         return {"loss": self.rt.all_reduce_mean(total / n).item(), "grad_norm": grad_norm.item()}
 
     @torch.no_grad()

@@ -29,6 +29,10 @@ def load_model_from_checkpoint(path: str):
 
     model = Llama(cfg.model, cfg.attention, cfg.moe)
     ckpt.load_model_weights(model, consolidated_weights(path), path)  # any TP/PP/EP layout
+    if os.path.exists(os.path.join(path, "sparsity.pt")):  # N:M run: dense weights + masks -> sparse weights
+        from .sparsity.recipe import apply_saved_masks
+
+        apply_saved_masks(model, cfg.sparsity, ckpt.read_torch(path, "sparsity.pt"))
     return model
 
 

@@ -18,6 +18,7 @@ from .metrics import (MetricsSink, flops_per_token, parameter_counts, peak_flops
                       routing_metrics)
 from .model import Llama
 from .optim import lr_at
+from .pretrained import load_pretrained
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
 
 MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
@@ -34,8 +35,20 @@ class Trainer:
         resume_from = self._resume_path()  # before any work: a bad path fails fast
         torch.manual_seed(t.seed)
         self.data: Data = build_data(cfg, runtime, self.run_dir)
-        self.engine = build_engine(Llama(cfg.model, cfg.attention, cfg.moe), cfg, runtime)
+        model = Llama(cfg.model, cfg.attention, cfg.moe)
+        if t.init_from and not resume_from:  # fine-tuning: weights only; a resume brings its own
+            kind = load_pretrained(model, t.init_from)
+            if runtime.is_main:
+                print(f"sparsetron: initialised from {kind} weights {t.init_from}", flush=True)
+        self.sparse = None
+        if cfg.sparsity.enabled:  # the dense teacher is copied here, before the model goes N:M
+            from .sparsity.recipe import SparseFinetune
+
+            self.sparse = SparseFinetune(model, cfg.sparsity, runtime.device)
+        self.engine = build_engine(model, cfg, runtime)
         self.model = self.engine.model
+        if self.sparse is not None:
+            self.sparse.attach(self.engine)
         self.sampler = ResumableSampler(
             len(self.data.train), t.global_batch_size, t.micro_batch_size, self.engine.dp_rank,
             self.engine.dp_size, t.seed,
@@ -43,6 +56,10 @@ class Trainer:
         self.step = 0
         if resume_from:
             self._load(resume_from)
+        elif self.sparse is not None:
+            calibration = [self.data.train.batch(range(i * t.micro_batch_size, (i + 1) * t.micro_batch_size))[0]
+                           .to(runtime.device) for i in range(self.sparse.cfg.calibration_batches)]
+            self.sparse.init_masks(calibration)
         if t.compile:
             self.engine.compile_blocks()
         counts = parameter_counts(cfg.model, cfg.attention, cfg.moe)
@@ -82,6 +99,8 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as err:
             raise ckpt.CheckpointError(f"{path}/trainer_state.json: {err}") from None
+        if self.sparse is not None:
+            self.sparse.load_state_dict(ckpt.read_torch(path, "sparsity.pt"))
         rng = ckpt.read_torch(path, "rng.pt")
         torch.set_rng_state(rng["cpu"])
         if self.rt.device.type == "cuda" and "cuda" in rng:
@@ -107,6 +126,9 @@ class Trainer:
                 },
                 "config.yaml": OmegaConf.to_yaml(self.cfg),
             }
+            if self.sparse is not None:
+                self.sparse.verify()  # never write a checkpoint whose masks are not N:M
+                files["sparsity.pt"] = self.sparse.state_dict()
         ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last, runtime=self.rt,
                   rank_writer=self.engine.save_checkpoint)
 
@@ -152,6 +174,8 @@ class Trainer:
                 self.watchdog.beat(self.step)
                 record = {"kind": "train", "step": self.step, **metrics, "step_time_s": dt,
                           "tokens_per_s": self.tokens_per_step / dt, "mem_gib": peak_memory_gib(self.rt.device)}
+                if self.sparse is not None:
+                    record.update(self.sparse.last_metrics)
                 if self.cfg.model.mlp == "moe":
                     with_loads = bool(t.eval_every) and self.step % t.eval_every == 0
                     record.update(routing_metrics(self.model, with_loads))
