@@ -54,6 +54,18 @@ def test_signal_sets_flag_and_uninstall_restores(sig):
     assert signal.getsignal(sig) is before
 
 
+def test_stop_listening_ignores_duplicates():
+    before = signal.getsignal(signal.SIGUSR1)
+    handler = PreemptionHandler(signals=(signal.SIGUSR1,)).install()
+    try:
+        handler.stop_listening()
+        os.kill(os.getpid(), signal.SIGUSR1)  # would kill the process under SIG_DFL
+        time.sleep(0.05)
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def test_handler_rejects_empty_signal_list():
     with pytest.raises(ValueError, match="signals"):
         PreemptionHandler(signals=())
@@ -269,6 +281,7 @@ log = Path(os.environ["FAKE_LOG"])
 deadline = time.monotonic() + 30
 while not handler.should_stop and time.monotonic() < deadline:
     time.sleep(0.05)
+handler.stop_listening()  # as the trainer does: the relayed duplicate must not kill the exit path
 (log / "worker_exit").write_text(handler.signal_name)
 sys.exit(REQUEUE_EXIT_CODE if handler.should_stop else 3)
 """
@@ -373,6 +386,7 @@ deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
     time.sleep(0.05)  # one "step"
     if handler.stop_agreed():
+        handler.stop_listening()
         open(os.path.join(log, f"stopped{rank}"), "w").write(handler.signal_name)
         dist.destroy_process_group()
         sys.exit(REQUEUE_EXIT_CODE)

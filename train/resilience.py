@@ -105,6 +105,15 @@ class PreemptionHandler:
             signal.signal(sig, prev)
         self._previous.clear()
 
+    def stop_listening(self) -> None:
+        """Ignore further preemption signals once the stop is decided: Slurm signals every
+        process of the step and launch/torchrun.sh forwards the same signal, so a duplicate can
+        land after uninstall() or during interpreter shutdown (which restores SIG_DFL for
+        Python-level handlers) and kill the process mid-exit instead of letting it exit 75."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
     def __enter__(self) -> "PreemptionHandler":
         return self.install()
 

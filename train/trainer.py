@@ -189,6 +189,7 @@ class Trainer:
                 with self.watchdog.collective("preemption vote (all-reduce)"):
                     stop = self.preempt.stop_agreed()
                 if stop:
+                    self.preempt.stop_listening()
                     if self.rt.is_main:
                         print(f"sparsetron: {self.preempt.signal_name} at step {self.step}: checkpointing, then "
                               f"exit {REQUEUE_EXIT_CODE} for requeue", flush=True)
@@ -202,7 +203,8 @@ class Trainer:
                     self.save()
         finally:
             self.watchdog.stop()
-            self.preempt.uninstall()
+            if not summary["preempted"]:
+                self.preempt.uninstall()
             prefetch.close()
             self.sink.close()
         if self.rt.is_main and self.cfg.logging.plot:
