@@ -7,7 +7,7 @@ from ..rope.reference import apply_rope_qk_reference
 
 
 def cases(device: torch.device, batch: int = 4, seq: int = 2048, q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128):
-    from ...train.model.rope import rope_tables
+    from sparsetron.train.model.rope import rope_tables
     from ..benchmark_dense_kernels import Case
 
     cos, sin = (t.to(device) for t in rope_tables(head_dim, seq, 500000.0))

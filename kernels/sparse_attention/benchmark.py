@@ -110,9 +110,9 @@ def correctness(report, device):
                 print(f"{name}: rel err out/lse/dq/dk/dv {['%.1e' % e for e in errs]} {'OK' if ok else 'FAIL'}")
                 report["correct"] &= ok
     # NSA module: Triton path vs PyTorch path, same weights
-    from ...configs.schema.attention import AttentionConfig
-    from ...configs.schema.model import ModelConfig
-    from ...train.model.rope import rope_tables
+    from sparsetron.configs.schema.attention import AttentionConfig
+    from sparsetron.configs.schema.model import ModelConfig
+    from sparsetron.train.model.rope import rope_tables
     from .nsa import NSAAttention
 
     cfg = ModelConfig(dim=1024, n_heads=8, n_kv_heads=2, max_seq_len=1100)
@@ -233,8 +233,8 @@ def nsa_breakdown(m, q, k, v):
 
 
 def run_nsa(report, s, device, save, breakdown=False):
-    from ...configs.schema.attention import AttentionConfig
-    from ...configs.schema.model import ModelConfig
+    from sparsetron.configs.schema.attention import AttentionConfig
+    from sparsetron.configs.schema.model import ModelConfig
     from .nsa import NSAAttention
 
     hkv = 8

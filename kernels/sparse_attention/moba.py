@@ -7,7 +7,7 @@ per query block and KV head (MoBA gates per token; one list per block keeps whol
 Small blocks (16, 32) are supported, which is where FlashMoBA finds MoBA's quality.
 """
 
-from ...train.model.attention import SelfAttention
+from sparsetron.train.model.attention import SelfAttention
 from .function import sparse_attention_core
 from .nsa import _field, check_block, check_positive
 from .reference import reference_block_sparse_attention

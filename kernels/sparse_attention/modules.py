@@ -1,7 +1,7 @@
 """Registers the sparse attention kinds with the model's attention registry. The registry
 imports this module lazily when a config names one of them."""
 
-from ...train.model.registry import register_attention
+from sparsetron.train.model.registry import register_attention
 from .moba import MoBAAttention, SlidingWindowAttention
 from .nsa import NSAAttention
 

@@ -16,7 +16,7 @@ per token: that is what lets the selected branch run as dense tiles on the block
 import torch
 from torch import nn
 
-from ...train.model.attention import SelfAttention
+from sparsetron.train.model.attention import SelfAttention
 from .function import ALLOWED_BLOCKS, sparse_attention_core
 from .reference import reference_block_sparse_attention
 from .selection import cmp_scores, cmp_scores_reference, compressed_block_lists, nsa_select, window_block_lists

@@ -37,8 +37,8 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from ...kernels.nm_sparse import nm_linear, nm_mask, semi_structured_unavailable
-from ...kernels.nm_sparse.semi_structured import compute_dtype, pack_2to4
+from sparsetron.kernels.nm_sparse import nm_linear, nm_mask, semi_structured_unavailable
+from sparsetron.kernels.nm_sparse.semi_structured import compute_dtype, pack_2to4
 from .config import SparsityConfig
 from .wanda import collect_input_norms, wanda_scores
 
