@@ -3,6 +3,7 @@ shapes, same random tokens, same optimizer step (grad-norm clip 1.0 + fused Adam
 
     python benchmarks/dense_speed.py --out $OUT/dense_speed.json          # GPU, ~1B (configs/model/1b.yaml)
     python benchmarks/dense_speed.py --dry-run --out /tmp/dense_speed.json  # CPU, tiny model, no torchtitan
+    python benchmarks/dense_speed.py --dry-run --titan ...                  # CPU, tiny, + torchtitan eager
 
 Per variant: the largest micro-batch that fits (estimated from a 2-sequence probe, then lowered on
 OOM), warm-up steps, then timed steps between CUDA events. tokens/s = micro-batch * seq * steps /
@@ -19,6 +20,12 @@ torch.compile(fullgraph=True) per block, FSDP2 on a 1-rank group for bf16 comput
 weights (falls back to bf16 autocast if that fails, and says so), its chunked linear + CE loss with the
 CE compiled. Only torchtitan's model/loss modules are imported; its package __init__s, which need
 tyro and friends, are bypassed.
+
+torchtitan 0.3 targets a newer torch than the GPU image's 2.11: `torchtitan_compat_shims` adapts its
+calls (only where the installed torch lacks the argument, and only where the adaptation is exact) and
+every result lists what it changed ("compat_shims"). If the FlexAttention anchor still fails, a
+modified anchor "torchtitan-sdpa" runs the same torchtitan model with its ScaledDotProductAttention
+(causal SDPA: the same math as its block-causal mask on one document per row), labelled as modified.
 """
 
 import argparse
@@ -26,6 +33,7 @@ import contextlib
 import gc
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -216,8 +224,43 @@ def import_torchtitan():
     return torchtitan, model_mod
 
 
-def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_blocks: bool = True):
+def torchtitan_compat_shims(attention_module, create_block_mask=None) -> list:
+    """Adapt torchtitan's torch calls to the installed torch, exactly or not at all; returns what
+    was changed (one line each), the same list on every call.
+
+    create_block_mask(separate_full_blocks=...): torchtitan passes True (False only in its
+    batch-invariant mode). Torch versions without the argument (2.11) always separate the full
+    blocks, i.e. behave as True, so dropping True changes nothing; False cannot be emulated and
+    raises."""
+    if hasattr(attention_module, "_sparsetron_compat_shims"):
+        return attention_module._sparsetron_compat_shims
+    if create_block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+    shims = []
+    if "separate_full_blocks" not in inspect.signature(create_block_mask).parameters:
+        compiled = attention_module._compiled_create_block_mask  # torch.compile(create_block_mask)
+
+        def create_block_mask_compat(*args, separate_full_blocks=True, **kwargs):
+            if not separate_full_blocks:
+                raise TypeError(f"torch {torch.__version__} create_block_mask has no separate_full_blocks; "
+                                "its fixed behaviour (True) cannot give torchtitan's batch-invariant False")
+            return compiled(*args, **kwargs)
+
+        attention_module._compiled_create_block_mask = create_block_mask_compat
+        shims.append(f"torchtitan.models.common.attention.create_attention_mask: drop create_block_mask kwarg "
+                     f"separate_full_blocks=True (torch {torch.__version__} lacks it and always separates full "
+                     "blocks, i.e. the same BlockMask)")
+    attention_module._sparsetron_compat_shims = shims
+    return shims
+
+
+def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_blocks: bool = True,
+                     attention: str = "flex"):
+    """torchtitan's Llama3 and its single-GPU recipe. attention="sdpa" is the modified anchor: its
+    ScaledDotProductAttention (causal) in place of FlexAttention; everything else unchanged."""
     torchtitan, tt = import_torchtitan()
+    attention_module = importlib.import_module("torchtitan.models.common.attention")
+    shims = torchtitan_compat_shims(attention_module)
     from functools import partial
 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -226,6 +269,12 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
     from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
     from torchtitan.models.common.config_utils import get_attention_config, make_ffn_config, make_gqa_config
 
+    if attention not in ("flex", "sdpa"):
+        raise ValueError(f"build_torchtitan: attention must be flex or sdpa, got {attention!r}")
+    # get_attention_config refuses "sdpa" for language models (it cannot take document masks); with
+    # one document per row causal SDPA is the same attention, so the modified anchor builds it directly
+    inner_attention = (get_attention_config("flex") if attention == "flex"
+                       else attention_module.ScaledDotProductAttention.Config())
     d, n_heads = shape["dim"], shape["n_heads"]
     linear = {"weight": partial(torch.nn.init.trunc_normal_, std=0.02), "bias": torch.nn.init.zeros_}
     ones = {"weight": torch.nn.init.ones_}
@@ -234,7 +283,7 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
         ffn_norm=RMSNorm.Config(normalized_shape=d, param_init=ones),
         attention=make_gqa_config(dim=d, n_heads=n_heads, n_kv_heads=shape["n_kv_heads"], fuse_qkv=True,
                                   wqkv_param_init=linear, wo_param_init=linear,
-                                  inner_attention=get_attention_config("flex"),
+                                  inner_attention=inner_attention,
                                   rope=ComplexRoPE.Config(dim=d // n_heads, max_seq_len=seq,
                                                           theta=shape["rope_theta"], scaling="llama")),
         feed_forward=make_ffn_config(dim=d, hidden_dim=shape["ffn_dim"], w1_param_init=linear,
@@ -262,8 +311,11 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
     for block in model.layers.children() if compile_blocks else ():
         block.compile(fullgraph=True)
 
-    precision_used, amp = "autocast-bf16", torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "fsdp":
+    if device.type != "cuda":  # CPU check of the anchor's code path: fp32, no FSDP
+        precision_used, amp = "fp32 (CPU)", contextlib.nullcontext()
+    else:
+        precision_used, amp = "autocast-bf16", torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "fsdp" and device.type == "cuda":
         try:
             fsdp_single_rank(model, device)
             precision_used, amp = "fsdp2-bf16-params-fp32-reduce", contextlib.nullcontext()
@@ -271,7 +323,7 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
             precision_used = f"autocast-bf16 (fsdp2 failed: {type(err).__name__}: {str(err)[:200]})"
 
     loss_fn = ChunkedLossWrapper(ChunkedLossWrapper.Config(),
-                                 compile_config=CompileConfig(enable=True, components=["model", "loss"]))
+                                 compile_config=CompileConfig(enable=compile_blocks, components=["model", "loss"]))
     loss_fn.set_lm_head(model.lm_head)
     model._skip_lm_head = True
     opt = make_optimizer(model, device)
@@ -281,7 +333,7 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
         key = tuple(tokens.shape)
         if key not in masks_cache:  # torchtitan builds the block-causal mask from positions per batch
             positions = torch.arange(tokens.shape[1], device=device).expand(tokens.shape[0], -1)
-            masks_cache[key] = (positions, model.get_attention_masks(positions))
+            masks_cache[key] = (positions, model.get_attention_masks(positions) if attention == "flex" else None)
         positions, masks = masks_cache[key]
         with amp:
             hidden = model(tokens, positions, masks)
@@ -293,8 +345,11 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
     n_params = sum(p.numel() for p in model.parameters())
     info = {"torchtitan_version": getattr(torchtitan, "__version__", "0.3.0"), "precision": precision_used,
             "activation_checkpointing": "torchtitan SelectiveAC rule (save mm/attention, recompute every 2nd mm)",
-            "attention": "FlexAttention (block-causal mask = causal for one document per row)",
-            "loss": "ChunkedLossWrapper(8 chunks) + compiled CrossEntropyLoss", "n_params": n_params}
+            "attention": "FlexAttention (block-causal mask = causal for one document per row)" if attention == "flex"
+            else "MODIFIED ANCHOR: torchtitan ScaledDotProductAttention (causal SDPA) instead of its FlexAttention",
+            "modified_anchor": attention != "flex", "compile": compile_blocks,
+            "loss": "ChunkedLossWrapper(8 chunks) + " + ("compiled " if compile_blocks else "") + "CrossEntropyLoss",
+            "n_params": n_params, "compat_shims": list(shims)}
     return model, step, info
 
 
@@ -396,6 +451,23 @@ def titan_flops(shape, seq):
     return flops
 
 
+def measure_titan(shape, seq, device, args, over_budget, est_s):
+    """The torchtitan anchor at `seq`; if its FlexAttention cannot run, the modified SDPA anchor."""
+    out = []
+    compile_blocks = device.type == "cuda"  # the dry run checks the code path eagerly (no C++ compile)
+    order = {"auto": ["flex", "sdpa"], "flex": ["flex"], "sdpa": ["sdpa"]}[args.titan_attention]
+    for attention in order:
+        name = "torchtitan" if attention == "flex" else "torchtitan-sdpa"
+        if over_budget(f"{name} seq {seq}", est_s):
+            break
+        out.append(measure(name, lambda a=attention: build_torchtitan(shape, seq, device, args.titan_precision,
+                                                                      compile_blocks, attention=a),
+                           shape["vocab_size"], seq, device, args, titan_flops(shape, seq)))
+        if "error" not in out[-1]:
+            break
+    return out
+
+
 def max_seq_search(shape, device, args, budget_end):
     """Longest sequence that trains at micro-batch 1 (memory-lean setup: Triton kernels incl. the
     chunked linear-CE, full activation checkpointing), doubling until OOM, then one bisection."""
@@ -436,6 +508,10 @@ def main(argv=None):
     ap.add_argument("--long-variants", nargs="+", default=None,
                     help="variants also run at the longer seqs (default: the fastest one at the first seq)")
     ap.add_argument("--no-titan", action="store_true")
+    ap.add_argument("--titan", action="store_true",
+                    help="with --dry-run: also run the torchtitan anchor code on CPU (eager, fp32)")
+    ap.add_argument("--titan-attention", choices=["auto", "flex", "sdpa"], default="auto",
+                    help="auto: FlexAttention (as torchtitan), and the modified SDPA anchor only if it fails")
     ap.add_argument("--titan-precision", choices=["fsdp", "autocast"], default="fsdp")
     ap.add_argument("--max-seq", action="store_true", help="also search the longest seq at micro-batch 1")
     ap.add_argument("--max-seq-start", type=int, default=16384)
@@ -455,7 +531,8 @@ def main(argv=None):
     if args.dry_run:
         device, shape = torch.device("cpu"), MODEL_TINY
         args.seqs = [s for s in args.seqs if s <= 256] or [64]
-        args.no_titan, args.max_seq, args.profile = True, False, False
+        args.no_titan = args.no_titan or not args.titan  # torchtitan on CPU only when asked (not installed in CI)
+        args.max_seq, args.profile = False, False
         args.variants = [v for v in args.variants if not VARIANTS[v][0]]  # eager only: no C++ compile on CI
     else:
         if not torch.cuda.is_available():
@@ -480,9 +557,8 @@ def main(argv=None):
             continue
         build, flops = sparsetron_runner(shape, first, device, v)
         results.append(measure(v, build, shape["vocab_size"], first, device, args, flops))
-        if v == args.variants[0] and not args.no_titan and not over_budget(f"torchtitan seq {first}", 60):
-            results.append(measure("torchtitan", lambda: build_torchtitan(shape, first, device, args.titan_precision),
-                                   shape["vocab_size"], first, device, args, titan_flops(shape, first)))
+        if v == args.variants[0] and not args.no_titan:
+            results += measure_titan(shape, first, device, args, over_budget, 60)
     ok = [r for r in results if r.get("impl") == "sparsetron" and "tokens_per_s" in r]
     best = max(ok, key=lambda r: r["tokens_per_s"])["variant"] if ok else None
     # 2) longer sequences: the fastest variant (or the chosen ones) and torchtitan
@@ -492,15 +568,15 @@ def main(argv=None):
                 continue
             build, flops = sparsetron_runner(shape, seq, device, v)
             results.append(measure(v, build, shape["vocab_size"], seq, device, args, flops))
-        if not args.no_titan and not over_budget(f"torchtitan seq {seq}", 70):
-            results.append(measure("torchtitan", lambda s=seq: build_torchtitan(shape, s, device, args.titan_precision),
-                                   shape["vocab_size"], seq, device, args, titan_flops(shape, seq)))
+        if not args.no_titan:
+            results += measure_titan(shape, seq, device, args, over_budget, 70)
     # 3) the longest sequence at micro-batch 1
     max_seq = None
     if args.max_seq and not over_budget("max-seq search", 40):
         max_seq = max_seq_search(shape, device, args, budget_end)
 
     summary = compare(results)
+    shims = sorted({s for r in results for s in r.get("compat_shims", [])})
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": _version("triton"), "python": platform.python_version(),
@@ -509,7 +585,8 @@ def main(argv=None):
         "peak_flops": args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device),
         "flops_accounting": "PaLM: 6*(params - embedding) + 12*n_layers*dim*seq per token",
         "warmup_steps": args.warmup, "timed_steps": args.steps, "results": results, "summary": summary,
-        "max_seq": max_seq, "skipped_for_budget": skipped, "wall_s": round(time.time() - t_start, 1)}
+        "max_seq": max_seq, "skipped_for_budget": skipped, "compat_shims": shims,
+        "wall_s": round(time.time() - t_start, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
@@ -518,17 +595,21 @@ def main(argv=None):
 
 
 def compare(results):
-    """Per seq: the fastest sparsetron variant against torchtitan."""
+    """Per seq: the fastest sparsetron variant against torchtitan (its FlexAttention anchor; the
+    modified SDPA anchor only when that one did not run, and then named as such)."""
     out = {}
     for seq in sorted({r["seq_len"] for r in results}):
         ours = [r for r in results if r["seq_len"] == seq and r.get("impl") == "sparsetron" and "tokens_per_s" in r]
-        titan = [r for r in results if r["seq_len"] == seq and r.get("name") == "torchtitan" and "tokens_per_s" in r]
+        titan = [r for name in ("torchtitan", "torchtitan-sdpa") for r in results
+                 if r["seq_len"] == seq and r.get("name") == name and "tokens_per_s" in r]
         if not ours:
             continue
         best = max(ours, key=lambda r: r["tokens_per_s"])
         row = {"best_variant": best["variant"], "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"]}
         if titan:
-            row.update(torchtitan_tokens_per_s=titan[0]["tokens_per_s"], torchtitan_mfu=titan[0]["mfu"],
+            row.update(torchtitan_anchor=titan[0]["name"] + (" (MODIFIED: SDPA attention)" if
+                                                             titan[0].get("modified_anchor") else ""),
+                       torchtitan_tokens_per_s=titan[0]["tokens_per_s"], torchtitan_mfu=titan[0]["mfu"],
                        speedup_vs_torchtitan=best["tokens_per_s"] / titan[0]["tokens_per_s"])
         out[str(seq)] = row
     return out
@@ -554,7 +635,9 @@ def print_table(report):
               f"{mem:>8} {r['wall_s']:>6}")
     for seq, row in report["summary"].items():
         if "speedup_vs_torchtitan" in row:
-            print(f"seq {seq}: {row['best_variant']} is {row['speedup_vs_torchtitan']:.2f}x torchtitan")
+            print(f"seq {seq}: {row['best_variant']} is {row['speedup_vs_torchtitan']:.2f}x {row['torchtitan_anchor']}")
+    if report.get("compat_shims"):
+        print("torchtitan compat shims:", "; ".join(report["compat_shims"]))
     if report["max_seq"]:
         print(f"max seq at micro-batch 1: {report['max_seq']['max_seq_len_micro_batch_1']}")
     if report["skipped_for_budget"]:

@@ -136,3 +136,80 @@ def test_compiled_blocks_trace_whole_and_match_eager(policy):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for name, g in ref.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------- torchtitan on older torch
+def _old_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False):
+    """torch 2.11's signature: no separate_full_blocks (it always separates the full blocks)."""
+    raise AssertionError("signature only")
+
+
+def test_compat_shim_drops_only_an_argument_the_installed_torch_lacks():
+    import types
+
+    from sparsetron.benchmarks.dense_speed import torchtitan_compat_shims
+
+    calls = []
+    old_style = types.SimpleNamespace(_compiled_create_block_mask=lambda *a, **kw: calls.append((a, kw)) or "mask")
+    shims = torchtitan_compat_shims(old_style, create_block_mask=_old_create_block_mask)
+    assert len(shims) == 1 and "separate_full_blocks" in shims[0]
+    mask = old_style._compiled_create_block_mask("mod", 2, None, 64, 64, device="cpu", separate_full_blocks=True)
+    assert mask == "mask"
+    assert calls == [(("mod", 2, None, 64, 64), {"device": "cpu"})]
+    with pytest.raises(TypeError, match="separate_full_blocks"):  # False cannot be emulated: refuse
+        old_style._compiled_create_block_mask("mod", 2, None, 64, 64, separate_full_blocks=False)
+    assert torchtitan_compat_shims(old_style) is shims  # once per module, the same record every call
+
+    def new_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False,
+                              separate_full_blocks=True):
+        raise AssertionError("not called")
+
+    original = object()
+    new_style = types.SimpleNamespace(_compiled_create_block_mask=original)
+    assert torchtitan_compat_shims(new_style, create_block_mask=new_create_block_mask) == []
+    assert new_style._compiled_create_block_mask is original  # a torch that has the argument: untouched
+
+
+_TITAN_ON_OLD_TORCH = r"""
+import json, sys, torch
+import torch.nn.attention.flex_attention as fa
+real = fa.create_block_mask
+
+def old_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, _compile=False):
+    return real(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE, _compile=_compile)
+
+fa.create_block_mask = old_create_block_mask  # torch 2.11's signature, before torchtitan imports it
+from sparsetron.benchmarks.dense_speed import MODEL_TINY, build_torchtitan
+out = {}
+hidden = {}
+for attention in ("flex", "sdpa"):
+    model, step, info = build_torchtitan(MODEL_TINY, 64, torch.device("cpu"), "fsdp", compile_blocks=False,
+                                         attention=attention)
+    tokens = torch.randint(0, MODEL_TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(64).expand(2, -1)
+    with torch.no_grad():  # FlexAttention has no CPU backward: the forward is what CPU can check
+        masks = model.get_attention_masks(positions) if attention == "flex" else None
+        hidden[attention] = model(tokens, positions, masks)
+    out[attention] = info
+out["max_abs_diff"] = (hidden["flex"] - hidden["sdpa"]).abs().max().item()
+out["scale"] = hidden["sdpa"].abs().max().item()
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_torchtitan_flex_anchor_runs_on_a_torch_without_separate_full_blocks():
+    """The GPU image's failure (torch 2.11: create_block_mask() got an unexpected keyword argument
+    'separate_full_blocks') reproduced on this torch by installing 2.11's signature; with the shim
+    torchtitan's FlexAttention model runs, and equals the modified SDPA anchor (same weights)."""
+    pytest.importorskip("torchtitan", reason="torchtitan 0.3.0 is not in the CI venv (GPU runs install .whl)")
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _TITAN_ON_OLD_TORCH], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(out["flex"]["compat_shims"]) == 1 and "separate_full_blocks" in out["flex"]["compat_shims"][0]
+    assert out["sdpa"]["modified_anchor"] and not out["flex"]["modified_anchor"]
+    assert out["max_abs_diff"] <= 1e-4 * out["scale"], out

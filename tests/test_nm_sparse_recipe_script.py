@@ -1,0 +1,94 @@
+"""benchmarks/nm_sparse_recipe.py --dry-run end to end (CPU, tiny model): dense pre-training, the
+three 2:4 fine-tunes through the CLI, the speed section (which on CPU must say that every layer fell
+back to masked dense), and a JSON with every field the GPU run reports."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "nm_sparse_recipe.py")
+FINETUNES = ("no_distill", "logit_kd", "squarehead")
+SPEED = ("dense_model", "sparse_masked_dense", "sparse_packed", "squarehead_masked_dense", "squarehead_packed")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nm_recipe") / "nm_sparse.json"
+    start = time.time()
+    proc = subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    wall = time.time() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout, wall
+
+
+@pytest.mark.slow
+def test_dry_run_report_has_every_field(dry_run):
+    report, stdout, wall = dry_run
+    assert wall < 90, wall
+    for key in ("device", "torch", "triton", "python", "cuda", "cusparselt_available", "capability", "dry_run",
+                "model", "train", "sparsity", "speed", "inference", "gemm", "recipe", "quality", "goals",
+                "fallback_warnings", "packings_by_shape", "errors", "phases_s", "wall_s"):
+        assert key in report, key
+    assert report["dry_run"] is True and report["errors"] == {}
+    assert report["sparsity"]["pattern"] == "2:4"
+    assert stdout.rstrip().splitlines()[-1].startswith("goals:")  # the table prints last
+
+    # quality: teacher, one-shot and the three fine-tunes, the same steps each, through the CLI
+    rec, q = report["recipe"], report["quality"]
+    assert "error" not in rec["pretrain"] and rec["pretrain"]["steps"] == report["train"]["pretrain_steps"]
+    assert rec["dense_checkpoint"].endswith(f"step_{report['train']['pretrain_steps']:08d}")
+    steps = rec["finetune_steps"]
+    assert steps == report["train"]["finetune_steps_requested"] and rec["finetune_steps_note"] is None
+    for name in FINETUNES:
+        run = rec["finetunes"][name]
+        assert "error" not in run and run["steps"] == steps and run["val_steps"] == [0, steps], name
+    assert "final_kl" not in rec["finetunes"]["no_distill"]  # no distillation: no KD term logged
+    assert rec["finetunes"]["logit_kd"]["final_squarehead"] == 0.0  # beta_squarehead=0: KD only
+    assert rec["finetunes"]["squarehead"]["final_squarehead"] > 0.0
+
+    teacher = q["teacher_dense"]["val_loss"]
+    one_shot = q["one_shot_2to4"]["val_loss"]
+    assert teacher == rec["pretrain"]["final_val_loss"]
+    assert q["one_shot_2to4"]["spread"] < 1e-6  # all three start from the same one-shot 2:4 model
+    assert set(q["one_shot_2to4"]["per_run"]) == set(FINETUNES)
+    gap = one_shot - teacher
+    assert q["gap_one_shot_minus_teacher"] == pytest.approx(gap)
+    for name in ("teacher_dense", "one_shot_2to4", *FINETUNES):
+        assert q[name]["ppl"] == pytest.approx(math.exp(q[name]["val_loss"])), name
+    for name in FINETUNES:
+        expected = (one_shot - q[name]["val_loss"]) / gap if gap > 0 else None
+        assert q[name]["recovered_fraction"] == (pytest.approx(expected) if expected is not None else None), name
+    assert set(report["goals"]) == {"squarehead_recovers_ge_95pct", "sparse_step_ge_1_15x_dense_step"}
+
+
+@pytest.mark.slow
+def test_dry_run_speed_section_reports_the_cpu_fallback_honestly(dry_run):
+    report, stdout, _ = dry_run
+    speed, inf = report["speed"], report["inference"]
+    for name in SPEED:
+        v = speed["variants"][name]
+        assert "error" not in v and v["step_s"] > 0 and v["packings_per_step"] == 0, name
+    # every 2:4 layer (q, k, v, o, gate, up, down per block) is listed, all fell back, with the reason
+    n_layers = report["model"]["n_layers"]
+    for section in (speed, inf):
+        assert len(section["layers"]) == 7 * n_layers
+        assert all(r["path"] == "masked dense (fallback)" and "cpu" in r["reason"] for r in section["layers"])
+        assert section["layer_summary"]["packed"] == 0 and section["packed_path_used"] is False
+        assert section["note"]
+    assert speed["speedup_packed_vs_dense_model"] == pytest.approx(
+        speed["variants"]["dense_model"]["step_s"] / speed["variants"]["sparse_packed"]["step_s"])
+    assert report["goals"]["sparse_step_ge_1_15x_dense_step"] is None  # no packed path: no speed-up claimed
+    assert report["packings_by_shape"] == {}
+    assert any("cpu" in w for w in report["fallback_warnings"])
+    assert "NOTE: no linear ran the packed 2:4 forward" in stdout
+    # inference rows: packed (here masked dense) and masked dense give the same logits
+    assert [r["batch"] for r in inf["rows"]] == [1, 2]
+    for r in inf["rows"]:
+        assert r["logits_rel_err_packed_vs_masked"] < 1e-6 and r["dense_ms"] > 0 and r["packed_ms"] > 0
+    assert report["gemm"]["rows"] and report["gemm"]["rows"][0]["semi_structured"] is False
