@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparsetron.configs.schema.validate import validate
+from sparsetron.parallel.comm_timer import StepCommTimer
 from sparsetron.parallel.engine import build_engine
 from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
 
@@ -47,6 +48,8 @@ class Trainer:
             self.sparse = SparseFinetune(model, cfg.sparsity, runtime.device)
         self.engine = build_engine(model, cfg, runtime)
         self.model = self.engine.model
+        # "comm_s" per step only with SPARSETRON_COMM_TIMER=1 (parallel/comm_timer.py); else a no-op
+        self.comm_timer = StepCommTimer.from_env(self.engine)
         if self.sparse is not None:
             self.sparse.attach(self.engine)
         self.sampler = ResumableSampler(
@@ -164,6 +167,7 @@ class Trainer:
                 summary["first_val_loss"] = self._log_val()
             while self.step < t.max_steps:
                 start = time.perf_counter()
+                self.comm_timer.reset()
                 batches = prefetch.get(self.step)
                 with self.watchdog.collective("train step (forward, backward, gradient all-reduce)"):
                     metrics = self.train_step(batches)
@@ -174,6 +178,7 @@ class Trainer:
                 self.watchdog.beat(self.step)
                 record = {"kind": "train", "step": self.step, **metrics, "step_time_s": dt,
                           "tokens_per_s": self.tokens_per_step / dt, "mem_gib": peak_memory_gib(self.rt.device)}
+                record.update(self.comm_timer.record())
                 if self.sparse is not None:
                     record.update(self.sparse.last_metrics)
                 if self.cfg.model.mlp == "moe":

@@ -78,6 +78,47 @@ def measurement_from_run(run_dir: str, world_size: Optional[int] = None, warmup:
             "label": os.path.basename(os.path.normpath(run_dir)), "steps_used": len(times)}
 
 
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def run_metrics(run_dir: str, warmup: int = 3) -> dict:
+    """Steady-state numbers of one run (the scaling harness): medians over the train steps after
+    ``warmup`` of step_time_s, tokens_per_s, mfu (GPU runs) and comm_s (SPARSETRON_COMM_TIMER=1
+    runs); the peak of mem_gib over all steps (a high-water mark: CUDA max allocated / host max RSS);
+    None for a field no record carries."""
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics_path):
+        raise ValueError(f"run_dir {run_dir!r} has no metrics.jsonl")
+    steady, mem = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("kind") != "train":
+                continue
+            if "mem_gib" in rec:
+                mem.append(float(rec["mem_gib"]))
+            if rec.get("step", 0) > warmup and "step_time_s" in rec:
+                steady.append(rec)
+    if not steady:
+        raise ValueError(f"{metrics_path}: no train steps after warmup={warmup}")
+
+    def col(key):
+        return [float(r[key]) for r in steady if key in r]
+
+    comm = col("comm_s")
+    return {
+        "steps_used": len(steady),
+        "step_time_s": _median(col("step_time_s")),
+        "tokens_per_s": _median(col("tokens_per_s")),
+        "mfu": _median(col("mfu")),
+        "peak_mem_gib": max(mem) if mem else None,
+        "comm_s": _median(comm),
+        "comm_fraction": _median([r["comm_s"] / r["step_time_s"] for r in steady if "comm_s" in r]) if comm else None,
+        "final_loss": float(steady[-1]["loss"]) if "loss" in steady[-1] else None,
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+")
