@@ -292,3 +292,16 @@ def test_harness_runs_cpu_layouts_and_writes_json_and_pngs(tmp_path):
 
 if __name__ == "__main__":
     _comm_timer_worker(sys.argv[1])
+
+
+def test_single_gpu_calibration_on_the_recorded_runs(tmp_path):
+    """The perf model calibrated on the recorded H200 runs predicts the compiled variants within 5 %."""
+    out = tmp_path / "cal.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "scaling", "calibrate_single_gpu.py"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert 0.3 < report["fitted_compute_efficiency"] < 0.9
+    compiled = [r for r in report["rows"] if r["label"].startswith("compile")]
+    assert compiled and all(abs(r["rel_error"]) < 0.05 for r in compiled), compiled
