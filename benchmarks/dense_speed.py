@@ -35,7 +35,6 @@ import importlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import platform
 import sys

@@ -6,7 +6,6 @@ After backward, `finalize_grads` does what Megatron's finalize_model_grads does:
 sequence-parallel norm gradients over tp, sums the tied-embedding gradients of the first and last
 pipeline stage, and averages over data parallel (expert weights over their expert-dp group)."""
 
-import contextlib
 from typing import Dict, List
 
 import torch

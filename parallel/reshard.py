@@ -13,7 +13,6 @@ moments alike.
 """
 
 import argparse
-import json
 import os
 import re
 import shutil

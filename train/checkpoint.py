@@ -194,8 +194,12 @@ def check_complete(directory: str) -> None:
         raise CheckpointError(f"{directory}: incomplete checkpoint (no {COMPLETE} marker); it was not fully written")
 
 
+# the model fields a checkpoint records and a resume / init_from must match
+MODEL_SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
+
+
 def check_model_config(directory: str, saved: dict, current: dict) -> None:
-    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings"):
+    for key in MODEL_SHAPE_KEYS:
         if key in saved and saved[key] != current.get(key):
             raise CheckpointError(
                 f"{directory}: saved with model.{key}={saved[key]!r} but this run has model.{key}={current.get(key)!r}"

@@ -9,12 +9,9 @@ from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
 
-_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
-
-
 def _check_fields(source: str, saved: dict, model_cfg) -> None:
     current = OmegaConf.to_container(model_cfg) if OmegaConf.is_config(model_cfg) else vars(model_cfg)
-    for key in _SHAPE_FIELDS:
+    for key in ckpt.MODEL_SHAPE_KEYS:
         if key in saved and saved[key] != current.get(key):
             raise ckpt.CheckpointError(
                 f"train.init_from={source}: it has model.{key}={saved[key]!r}, this run has "

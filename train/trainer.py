@@ -22,9 +22,6 @@ from .optim import lr_at
 from .pretrained import load_pretrained
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
 
-MODEL_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "mlp", "tie_embeddings")
-
-
 class Trainer:
     def __init__(self, cfg, runtime: Runtime):
         self.cfg, self.rt = cfg, runtime
@@ -124,7 +121,7 @@ class Trainer:
                 "trainer_state.json": {
                     "step": self.step,
                     "sampler": self.sampler.state_dict(),
-                    "model": {k: model_cfg[k] for k in MODEL_KEYS},
+                    "model": {k: model_cfg[k] for k in ckpt.MODEL_SHAPE_KEYS},
                     "world_size": self.rt.world_size,
                 },
                 "config.yaml": OmegaConf.to_yaml(self.cfg),
