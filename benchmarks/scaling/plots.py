@@ -47,10 +47,16 @@ def plot_strong(table: Dict[str, List[dict]], path: str, title: str) -> None:
                       alpha=0.6, label="ideal" if not ideal_drawn else None)
             ideal_drawn.add(key)
         right.plot(x, [r["efficiency"] for r in rows], "o-", label=curve, color=line.get_color())
-    left.set_ylabel("tokens/s (all workers)")
+    _finish(plt, fig, left, right, table, worlds, path, "tokens/s (all workers)",
+            "efficiency = speedup / (workers / base workers)")
+
+
+def _finish(plt, fig, left, right, table, worlds, path: str, left_label: str, right_label: str) -> None:
+    """Shared axes, limits and legends of both scaling figures, then save."""
+    left.set_ylabel(left_label)
     left.set_ylim(bottom=0)
     right.set_ylim(0, max(1.1, max(r["efficiency"] for rows in table.values() for r in rows) + 0.05))
-    right.set_ylabel("efficiency = speedup / (workers / base workers)")
+    right.set_ylabel(right_label)
     right.axhline(1.0, color="gray", lw=0.8)
     for ax in (left, right):
         _workers_axis(ax, worlds or [1])
@@ -68,17 +74,8 @@ def plot_weak(table: Dict[str, List[dict]], path: str, title: str) -> None:
         x = [r["world"] for r in rows]
         line, = left.plot(x, [r["tokens_per_s_per_worker"] for r in rows], "o-", label=curve)
         right.plot(x, [r["efficiency"] for r in rows], "o-", label=curve, color=line.get_color())
-    left.set_ylabel("tokens/s per worker")
-    left.set_ylim(bottom=0)
-    right.set_ylim(0, max(1.1, max(r["efficiency"] for rows in table.values() for r in rows) + 0.05))
-    right.set_ylabel("efficiency = per-worker tokens/s / base's")
-    right.axhline(1.0, color="gray", lw=0.8)
-    for ax in (left, right):
-        _workers_axis(ax, worlds or [1])
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, left, right, table, worlds, path, "tokens/s per worker",
+            "efficiency = per-worker tokens/s / base's")
 
 
 def plot_report(report_path: str) -> List[str]:
