@@ -81,6 +81,14 @@ def test_memmap_shards(tmp_path):
     cfg = _cfg(tmp_path, source="memmap", paths=[str(tmp_path / "train_*.bin")], val_paths=[str(tmp_path / "val.bin")])
     data = build_data(cfg, Runtime(), str(tmp_path / "run"))
     assert len(data.train) == (8000 - 1) // 32 and len(data.val) == (1000 - 1) // 32
+    flat = np.concatenate([np.fromfile(tmp_path / f"train_{i}.bin", dtype=np.uint16) for i in (0, 1)])
+    x, y = data.train.batch([156, 0])  # window 156 spans the boundary of the two shards (token 5000)
+    assert np.array_equal(x[0].numpy(), flat[156 * 32 : 157 * 32]) and np.array_equal(y[1].numpy(), flat[1:33])
+    # no val_paths: the tail is held out, lazily
+    cfg = _cfg(tmp_path, source="memmap", paths=[str(tmp_path / "train_*.bin")], val_fraction=0.25)
+    held = build_data(cfg, Runtime(), str(tmp_path / "run_tail"))
+    assert len(held.train) == (6000 - 1) // 32 and len(held.val) == (2000 - 1) // 32
+    assert np.array_equal(held.val.batch([0])[0][0].numpy(), flat[6000:6032])
     # a uint32 shard read as uint16 shows token ids beyond the vocabulary: caught, with the field named
     rng.integers(70000, 80000, 4000, dtype=np.uint32).tofile(tmp_path / "big.bin")
     cfg = _cfg(tmp_path, source="memmap", paths=[str(tmp_path / "big.bin")], memmap_dtype="uint32")

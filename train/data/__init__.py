@@ -33,13 +33,14 @@ def _build_once(runtime, path: str, build) -> None:
     runtime.barrier()
 
 
-def _memmap(cfg, model_vocab: int) -> Data:
+def _memmap(cfg, model_vocab: int):
+    """(train tokens, val tokens, tokenizer path "") for pre-tokenized shards."""
     train = tokens.open_tokens([p for _, p in corpus._user_files(list(cfg.paths))], cfg.memmap_dtype)
     if cfg.val_paths:
         val = tokens.open_tokens([p for _, p in corpus._user_files(list(cfg.val_paths))], cfg.memmap_dtype)
     else:  # hold out the tail
         cut = int(len(train) * (1 - cfg.val_fraction))
-        train, val = train[:cut], train[cut:]
+        train, val = train.view(0, cut), train.view(cut, len(train))
     top = int(np.max(train[: 1 << 20]))
     if top >= model_vocab:
         raise DataError(f"data.paths: token id {top} >= model.vocab_size={model_vocab}; check data.memmap_dtype "

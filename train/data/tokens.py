@@ -36,8 +36,39 @@ def write_tokens(tok: Tokenizer, texts: Iterable[str], eos: int, path: str, batc
     os.replace(tmp, path)
 
 
-def open_tokens(paths: List[str], dtype: str) -> np.ndarray:
-    """Memory-map one or more flat token shards as one array (concatenated if several)."""
+class ShardedTokens:
+    """Several memory-mapped shards read as one flat token array, without loading them: a slice
+    reads only the shards it spans (np.concatenate of the memmaps would read every shard into RAM)."""
+
+    def __init__(self, shards: List[np.ndarray], start: int = 0, stop: int = -1):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])
+        self.start, self.stop = start, int(self.offsets[-1]) if stop < 0 else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, lo: int, hi: int) -> "ShardedTokens":
+        """Tokens [lo, hi) of this array, still lazy."""
+        return ShardedTokens(self.shards, self.start + lo, self.start + hi)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        lo, hi, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("ShardedTokens supports contiguous slices only")
+        lo, hi = self.start + lo, self.start + max(hi, lo)
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        parts = []
+        for i in range(first, len(self.shards)):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            if a >= hi:
+                break
+            parts.append(self.shards[i][max(lo, a) - a : min(hi, b) - a])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def open_tokens(paths: List[str], dtype: str) -> ShardedTokens:
+    """Memory-map one or more flat token shards as one lazy array."""
     arrays = []
     for p in paths:
         size = os.path.getsize(p)
@@ -46,4 +77,4 @@ def open_tokens(paths: List[str], dtype: str) -> np.ndarray:
             raise DataError(f"{p}: size {size} is not a positive multiple of {dtype} ({itemsize} bytes); "
                             f"check data.memmap_dtype")
         arrays.append(np.memmap(p, dtype=dtype, mode="r"))
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return ShardedTokens(arrays)
