@@ -79,14 +79,14 @@ class CommTimer:
     def __init__(self, sync_cuda: bool):
         self.sync_cuda = sync_cuda
         self._lock = threading.Lock()
-        self._intervals: List[Tuple[float, float]] = []
+        self._intervals: List[Tuple[float, float, str]] = []  # (start, end, collective name)
         self._local = threading.local()  # nesting depth: a collective built from others counts once
         self.calls = 0
 
     # -- bookkeeping
-    def add(self, start: float, end: float) -> None:
+    def add(self, start: float, end: float, op: str = "other") -> None:
         with self._lock:
-            self._intervals.append((start, end))
+            self._intervals.append((start, end, op))
             self.calls += 1
 
     def reset(self) -> None:
@@ -94,9 +94,16 @@ class CommTimer:
             self._intervals = []
 
     def seconds_and_reset(self) -> float:
+        return self.breakdown_and_reset()[0]
+
+    def breakdown_and_reset(self) -> Tuple[float, Dict[str, float]]:
+        """(union seconds of every interval, {collective: union seconds of its intervals})."""
         with self._lock:
             intervals, self._intervals = self._intervals, []
-        return union_seconds(intervals)
+        by_op: Dict[str, List[Tuple[float, float]]] = {}
+        for start, end, op in intervals:
+            by_op.setdefault(op, []).append((start, end))
+        return union_seconds([(a, b) for a, b, _ in intervals]), {op: union_seconds(iv) for op, iv in by_op.items()}
 
     def _sync(self) -> None:
         if self.sync_cuda and torch.cuda.is_initialized():
@@ -119,6 +126,8 @@ class CommTimer:
 
     # -- wrappers
     def wrap(self, fn: Callable) -> Callable:
+        op = fn.__name__
+
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             if self._depth():  # inside another timed call (e.g. isend inside batch_isend_irecv)
@@ -128,11 +137,11 @@ class CommTimer:
             with self.nested():
                 out = fn(*args, **kwargs)
             self._sync()
-            self.add(start, time.perf_counter())
+            self.add(start, time.perf_counter(), op)
             if isinstance(out, list) and out and all(hasattr(w, "wait") for w in out):
-                return [_TimedWork(w, self) for w in out]  # batch_isend_irecv
+                return [_TimedWork(w, self, op) for w in out]  # batch_isend_irecv
             if out is not None and hasattr(out, "wait"):
-                return _TimedWork(out, self)
+                return _TimedWork(out, self, op)
             return out
 
         timed.__sparsetron_comm_timer__ = fn
@@ -148,7 +157,7 @@ class CommTimer:
                 fut = default_hooks.allreduce_hook(process_group, bucket)
 
             def done(f):
-                self.add(start, time.perf_counter())
+                self.add(start, time.perf_counter(), "all_reduce")
                 return f.value()[0] if isinstance(f.value(), list) else f.value()
 
             return fut.then(done)
@@ -159,17 +168,17 @@ class CommTimer:
 class _TimedWork:
     """Proxy of a c10d Work whose wait() is timed; everything else goes to the real Work."""
 
-    __slots__ = ("_work", "_timer")
+    __slots__ = ("_work", "_timer", "_op")
 
-    def __init__(self, work, timer: CommTimer):
-        self._work, self._timer = work, timer
+    def __init__(self, work, timer: CommTimer, op: str):
+        self._work, self._timer, self._op = work, timer, op
 
     def wait(self, *args, **kwargs):
         self._timer._sync()
         start = time.perf_counter()
         out = self._work.wait(*args, **kwargs)
         self._timer._sync()
-        self._timer.add(start, time.perf_counter())
+        self._timer.add(start, time.perf_counter(), self._op)
         return out
 
     def __getattr__(self, name):
@@ -248,7 +257,12 @@ class StepCommTimer:
             comm_seconds_and_reset()
 
     def record(self) -> Dict[str, float]:
-        return {"comm_s": comm_seconds_and_reset()} if self.active else {}
+        """{"comm_s": total, "comm_s.<collective>": its share, ...} (e.g. comm_s.all_to_all_single for
+        MoE dispatch/combine); the parts can sum to more than the total where collectives overlap."""
+        if not self.active or _TIMER is None:
+            return {"comm_s": 0.0} if self.active else {}
+        total, by_op = _TIMER.breakdown_and_reset()
+        return {"comm_s": total, **{f"comm_s.{op}": s for op, s in sorted(by_op.items())}}
 
 
 __all__ = ["ENV", "CommTimer", "StepCommTimer", "attach_ddp", "comm_seconds_and_reset", "enabled_from_env",

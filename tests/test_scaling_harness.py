@@ -224,6 +224,9 @@ def test_every_layout_of_every_matrix_is_legal_and_an_illegal_one_is_refused():
     assert {lay.world for lay in gpu8.layouts} == {1, 2, 4, 8}
     assert {lay.tp for lay in gpu8.layouts} >= {2, 4, 8} and {lay.pp for lay in gpu8.layouts} >= {2, 4}
     assert {lay.zero_stage for lay in gpu8.layouts} >= {1, 3} and max(lay.ep for lay in gpu8.layouts) == 8
+    gpu4 = matrices.get("gpu4")
+    names = {lay.name for lay in gpu4.layouts}
+    assert all(lay.world <= 4 for lay in gpu4.layouts) and all(lay.loss_ref in names | {""} for lay in gpu4.layouts)
     bad = matrices.Layout("tp3", 3, 4, 12, tp=3)
     with pytest.raises(ValueError, match="tp3.*parallel.tp"):
         run.validate_matrix(matrices.get("cpu_smoke"), [bad])
@@ -305,3 +308,26 @@ def test_single_gpu_calibration_on_the_recorded_runs(tmp_path):
     assert 0.3 < report["fitted_compute_efficiency"] < 0.9
     compiled = [r for r in report["rows"] if r["label"].startswith("compile")]
     assert compiled and all(abs(r["rel_error"]) < 0.05 for r in compiled), compiled
+
+
+def test_loss_match_compares_the_first_common_steps_and_flags_missing_references():
+    run = _load("run")
+
+    def entry(name, losses, ref=""):
+        return {"name": name, "layout": {"loss_ref": ref}, "metrics": {"losses": losses} if losses else None}
+
+    runs = [entry("ref", [[1, 10.0], [2, 9.0], [3, 8.0]]),
+            entry("a", [[1, 10.0], [2, 9.01], [3, 8.5], [4, 7.0]], ref="ref"),
+            entry("b", None, ref="ref"), entry("c", [[1, 5.0]], ref="nope")]
+    out = run.loss_match(runs, steps=2)
+    assert out["a"]["steps"] == [1, 2] and out["a"]["max_abs_diff"] == pytest.approx(0.01)
+    assert out["a"]["max_rel_diff"] == pytest.approx(0.01 / 9.0)
+    assert "missing" in out["b"]["status"] and "missing" in out["c"]["status"] and "ref" not in out
+
+
+def test_layout_comm_timer_overrides_the_harness_flag():
+    matrices, run = _load("matrices"), _load("run")
+    m = matrices.get("gpu4")
+    assert run.run_env(m, True, m.layout("w4_zero1"))["SPARSETRON_COMM_TIMER"] == "0"
+    assert run.run_env(m, True, m.layout("m4_ep4_fused"))["SPARSETRON_COMM_TIMER"] == "1"
+    assert run.run_overrides(m, m.layout("g1_gb32"), "/x").count("train.max_steps=6") == 1

@@ -33,7 +33,10 @@ class Trainer:
         resume_from = self._resume_path()  # before any work: a bad path fails fast
         torch.manual_seed(t.seed)
         self.data: Data = build_data(cfg, runtime, self.run_dir)
-        model = Llama(cfg.model, cfg.attention, cfg.moe)
+        # On GPU the weights are initialised where they will live: a host-side init of a multi-billion
+        # model is slow, and every rank would hold a full fp32 copy in host memory first.
+        with torch.device(runtime.device if runtime.device.type == "cuda" else "cpu"):
+            model = Llama(cfg.model, cfg.attention, cfg.moe)
         if t.init_from and not resume_from:  # fine-tuning: weights only; a resume brings its own
             kind = load_pretrained(model, t.init_from)
             if runtime.is_main:

@@ -85,17 +85,19 @@ def _median(values):
 def run_metrics(run_dir: str, warmup: int = 3) -> dict:
     """Steady-state numbers of one run (the scaling harness): medians over the train steps after
     ``warmup`` of step_time_s, tokens_per_s, mfu (GPU runs) and comm_s (SPARSETRON_COMM_TIMER=1
-    runs); the peak of mem_gib over all steps (a high-water mark: CUDA max allocated / host max RSS);
+    runs; comm_s_by_op splits it per collective); every step's loss; the peak of mem_gib over all steps (a high-water mark: CUDA max allocated / host max RSS);
     None for a field no record carries."""
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         raise ValueError(f"run_dir {run_dir!r} has no metrics.jsonl")
-    steady, mem = [], []
+    steady, mem, losses = [], [], []
     with open(metrics_path) as f:
         for line in f:
             rec = json.loads(line)
             if rec.get("kind") != "train":
                 continue
+            if "loss" in rec:
+                losses.append([int(rec.get("step", len(losses) + 1)), float(rec["loss"])])
             if "mem_gib" in rec:
                 mem.append(float(rec["mem_gib"]))
             if rec.get("step", 0) > warmup and "step_time_s" in rec:
@@ -116,6 +118,9 @@ def run_metrics(run_dir: str, warmup: int = 3) -> dict:
         "comm_s": _median(comm),
         "comm_fraction": _median([r["comm_s"] / r["step_time_s"] for r in steady if "comm_s" in r]) if comm else None,
         "final_loss": float(steady[-1]["loss"]) if "loss" in steady[-1] else None,
+        "losses": losses,  # [step, loss] of every logged step, warm-up included (loss-match checks)
+        "comm_s_by_op": {k[len("comm_s."):]: _median(col(k)) for k in sorted({k for r in steady for k in r
+                                                                             if k.startswith("comm_s.")})},
     }
 
 

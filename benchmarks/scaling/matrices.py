@@ -9,7 +9,7 @@ point of (scaling_math.py: "strong" = fixed global batch, "weak" = fixed batch p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class Layout:
     extra: Tuple[str, ...] = ()  # more Hydra overrides (model size, sequence parallel, MoE, ...)
     strong: Tuple[str, ...] = ()  # strong-scaling curves this run is a point of
     weak: Tuple[str, ...] = ()  # weak-scaling curves
+    steps: int = 0  # train steps; 0 = the matrix's
+    loss_ref: str = ""  # layout whose per-step losses this run's must match (same model, data, global batch)
+    comm_timer: Optional[bool] = None  # None = the harness's flag; False where its syncs would hide overlap
 
     @property
     def dp(self) -> int:
@@ -41,7 +44,7 @@ class Layout:
         return {"name": self.name, "world": self.world, "tp": self.tp, "pp": self.pp, "dp": self.dp, "ep": self.ep,
                 "zero_stage": self.zero_stage, "engine": self.engine, "micro_batch": self.micro_batch,
                 "global_batch": self.global_batch, "extra": list(self.extra), "strong": list(self.strong),
-                "weak": list(self.weak)}
+                "weak": list(self.weak), "steps": self.steps, "loss_ref": self.loss_ref, "comm_timer": self.comm_timer}
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,68 @@ GPU8 = Matrix("gpu8", "1B model, 1->8 GPUs at a fixed global batch (64 x 2048 to
 GPU_WEAK = Matrix("gpu_weak", "1B model, 1->8 GPUs at 16 x 2048 tokens per GPU: DDP, ZeRO-1/3, TP2, PP2",
                   device="cuda", steps=20, warmup=5, base=GPU_BASE, layouts=_gpu_weak())
 
-MATRICES: Dict[str, Matrix] = {m.name: m for m in (CPU_SMOKE, GPU8, GPU_WEAK)}
+
+# ---------------------------------------------------------------------------------------- 4 GPUs
+# What one lent 4-GPU host shows in two ~9-minute device calls (`--only` splits them; README).
+# Eager (no torch.compile: it would add ~1 min of compilation to every one of ~25 launches).
+# - weak scaling of the 1B model, 8 sequences x 2048 tokens per GPU per step, DP through DeepSpeed
+#   ZeRO-1 / ZeRO-3 and plain DDP; the baseline is the best single-GPU run (native, no ZeRO);
+# - a ~9B model (Llama-3-8B layer shapes, 40 layers, 32K vocab: 116 GB of fp32 weights + grads +
+#   Adam states before activations, more than one 80 GB H100 or 141 GB H200 holds) at TP4, PP4 with
+#   each schedule, TP2xPP2 and TP2/PP2 x DP2 with ZeRO-1, all at 8 x 2048 tokens per step;
+# - an 8-expert MoE 1B with EP2/EP4 on the fused Triton layer and on the argsort + torch._grouped_mm
+#   layer (moe.implementation=grouped_mm), the comm timer on to split out the all-to-all time.
+# Losses: each multi-GPU run names the run whose first steps it must reproduce (loss_ref): a
+# single-GPU run at the same global batch where one GPU holds the model, else the TP4 run.
+W_MB, W_PER_GPU = 4, 8
+GPU4_BASE = tuple(o for o in GPU_BASE if not o.startswith("model="))  # the model is per layout here
+ONE_B = ("model=1b",)
+BIG = ("model=8b", "model.vocab_size=32000", "model.n_layers=40")
+BIG_GB = 8
+MOE = (*ONE_B, *MOE_1B)
+MOE_GMM = (*MOE, "moe.implementation=grouped_mm")
+NO_TIMER = False  # comm timer off: its device syncs serialise DeepSpeed's / DDP's overlapped collectives
+
+
+def _gpu4() -> Tuple[Layout, ...]:
+    lays = [Layout("w1", 1, W_MB, W_PER_GPU, extra=ONE_B, weak=("ddp", "zero1", "zero3"), comm_timer=NO_TIMER),
+            Layout("g1_gb32", 1, W_MB, 4 * W_PER_GPU, extra=ONE_B, steps=6, comm_timer=NO_TIMER)]
+    for n in (2, 4):
+        gb = W_PER_GPU * n
+        ref = "g1_gb32" if gb == 32 else ""
+        lays += [Layout(f"w{n}_zero1", n, W_MB, gb, zero_stage=1, engine="deepspeed", extra=ONE_B, weak=("zero1",),
+                        loss_ref=ref, comm_timer=NO_TIMER),
+                 Layout(f"w{n}_zero3", n, W_MB, gb, zero_stage=3, engine="deepspeed", extra=ONE_B, weak=("zero3",),
+                        loss_ref=ref or f"w{n}_zero1", comm_timer=NO_TIMER)]
+    lays.append(Layout("w4_ddp", 4, W_MB, 4 * W_PER_GPU, extra=ONE_B, weak=("ddp",), loss_ref="g1_gb32", comm_timer=NO_TIMER))
+    # MoE: expert parallel over all ranks (DP = EP), 8 sequences per GPU
+    lays += [Layout("m1_fused", 1, W_MB, W_PER_GPU, extra=MOE, weak=("ep_fused",)),
+             Layout("m1_gmm", 1, W_MB, W_PER_GPU, extra=MOE_GMM, weak=("ep_grouped_mm",), loss_ref="m1_fused")]
+    for n in (2, 4):
+        lays += [Layout(f"m{n}_ep{n}_fused", n, W_MB, W_PER_GPU * n, ep=n, engine="native", extra=MOE,
+                        weak=("ep_fused",)),
+                 Layout(f"m{n}_ep{n}_gmm", n, W_MB, W_PER_GPU * n, ep=n, engine="native", extra=MOE_GMM,
+                        weak=("ep_grouped_mm",), loss_ref=f"m{n}_ep{n}_fused")]
+    # ~9B: too big for one GPU
+    big = dict(extra=BIG, comm_timer=NO_TIMER)
+    lays += [Layout("b_tp4", 4, 1, BIG_GB, tp=4, **{**big, "extra": (*BIG, *SP)}),
+             Layout("b_pp4_1f1b", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4", **big),
+             Layout("b_pp4_interleaved", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4",
+                    **{**big, "extra": (*BIG, "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")}),
+             Layout("b_pp4_zero_bubble", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4",
+                    **{**big, "extra": (*BIG, "parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2")}),
+             Layout("b_tp2_pp2", 4, 1, BIG_GB, tp=2, pp=2, loss_ref="b_tp4", **{**big, "extra": (*BIG, *SP)}),
+             Layout("b_tp2_dp2_zero1", 4, 1, BIG_GB, tp=2, zero_stage=1, engine="native", loss_ref="b_tp4",
+                    **{**big, "extra": (*BIG, *SP)}),
+             Layout("b_pp2_dp2_zero1", 4, 1, BIG_GB, pp=2, zero_stage=1, engine="native", loss_ref="b_tp4", **big)]
+    return tuple(lays)
+
+
+GPU4 = Matrix("gpu4", "4 GPUs: 1B weak scaling (DDP, ZeRO-1/3), ~9B at TP4 / PP4 (1F1B, interleaved, zero bubble) / "
+                      "TP2xPP2 / TP2xDP2 / PP2xDP2, MoE EP2/4 fused vs grouped_mm; losses vs single-GPU references",
+              device="cuda", steps=10, warmup=4, base=GPU4_BASE, layouts=_gpu4())
+
+MATRICES: Dict[str, Matrix] = {m.name: m for m in (CPU_SMOKE, GPU8, GPU_WEAK, GPU4)}
 
 
 def get(name: str) -> Matrix:

@@ -53,11 +53,13 @@ def launch_command(layout: matrices.Layout) -> List[str]:
 
 
 def run_overrides(matrix: matrices.Matrix, layout: matrices.Layout, run_dir: str) -> List[str]:
-    return [*matrix.base, *layout.overrides(), f"train.max_steps={matrix.steps}",
+    return [*matrix.base, *layout.overrides(), f"train.max_steps={layout.steps or matrix.steps}",
             f"name=scaling-{matrix.name}-{layout.name}", f"hydra.run.dir={run_dir}"]
 
 
-def run_env(matrix: matrices.Matrix, comm_timer: bool) -> dict:
+def run_env(matrix: matrices.Matrix, comm_timer: bool, layout: Optional[matrices.Layout] = None) -> dict:
+    if layout is not None and layout.comm_timer is not None:
+        comm_timer = layout.comm_timer
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPARSETRON_COMM_TIMER": "1" if comm_timer else "0"}
     if matrix.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # one core per rank: ranks must not fight over the cores
@@ -70,7 +72,8 @@ def validate_matrix(matrix: matrices.Matrix, layouts) -> None:
     from sparsetron.train.cli import compose
 
     for lay in layouts:
-        cfg = compose([*matrix.base, *lay.overrides(), f"train.max_steps={matrix.steps}"], run_dir="/nonexistent")
+        cfg = compose([*matrix.base, *lay.overrides(), f"train.max_steps={lay.steps or matrix.steps}"],
+                      run_dir="/nonexistent")
         try:
             validate(cfg, lay.world)
         except ValueError as err:
@@ -86,7 +89,7 @@ def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> 
     start = time.perf_counter()
     with open(os.path.join(run_dir, "launch.log"), "w") as log:
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=run_env(matrix, comm_timer), stdout=log, stderr=subprocess.STDOUT,
+            rc = subprocess.run(cmd, cwd=REPO, env=run_env(matrix, comm_timer, layout), stdout=log, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -179,6 +182,32 @@ def calibrate_runs(runs: List[dict], cluster) -> Optional[dict]:
 
 
 # ----------------------------------------------------------------------------------- reporting
+LOSS_STEPS = 5  # the issue's "first steps"
+
+
+def loss_match(runs: List[dict], steps: int = LOSS_STEPS) -> dict:
+    """Per run with a ``loss_ref``: max |loss - ref loss| over the first ``steps`` logged steps both have.
+    bf16 runs of different layouts reduce in different orders, so expect ~1e-3..1e-2, not zero."""
+    by_name = {r["name"]: r for r in runs}
+    out = {}
+    for r in runs:
+        ref_name = r["layout"].get("loss_ref")
+        if not ref_name:
+            continue
+        ref = by_name.get(ref_name)
+        mine = dict(map(tuple, (r.get("metrics") or {}).get("losses", [])))
+        theirs = dict(map(tuple, ((ref or {}).get("metrics") or {}).get("losses", [])))
+        common = sorted(set(mine) & set(theirs))[:steps]
+        if not common:
+            out[r["name"]] = {"ref": ref_name, "status": "missing losses (run or reference failed)"}
+            continue
+        diffs = [abs(mine[k] - theirs[k]) for k in common]
+        out[r["name"]] = {"ref": ref_name, "steps": common, "loss": [mine[k] for k in common],
+                          "ref_loss": [theirs[k] for k in common], "max_abs_diff": max(diffs),
+                          "max_rel_diff": max(d / abs(theirs[k]) for d, k in zip(diffs, common))}
+    return out
+
+
 def environment(matrix: matrices.Matrix) -> dict:
     from importlib import metadata
 
@@ -241,6 +270,11 @@ def print_table(report: dict) -> None:
         for curve, rows in report["scaling"][kind].items():
             pts = ", ".join(f"{x['world']}w {100 * x['efficiency']:.0f}%" for x in rows)
             print(f"{kind} scaling efficiency [{curve}]: {pts}")
+    for name, lm in (report.get("loss_match") or {}).items():
+        if "max_abs_diff" in lm:
+            print(f"loss match {name} vs {lm['ref']}: max |diff| {lm['max_abs_diff']:.2e} over steps {lm['steps']}")
+        else:
+            print(f"loss match {name} vs {lm['ref']}: {lm['status']}")
     cal = report.get("calibration")
     if cal:
         fitted = ", ".join(f"{k}={v:.3f}" for k, v in cal["fitted"].items())
@@ -280,6 +314,7 @@ def measure_layout(matrix, lay, runs_root: str, probe, args) -> dict:
         keys = [k for k, v in good[0].items() if isinstance(v, (int, float)) and v is not None]
         m = {k: statistics.median(g[k] for g in good if g.get(k) is not None) for k in keys}
         m.update({k: None for k, v in good[0].items() if v is None})
+        m["losses"], m["comm_s_by_op"] = good[0].get("losses", []), good[0].get("comm_s_by_op", {})
         tps = [g["tokens_per_s"] for g in good]
         m["repeats_ok"] = len(good)
         m["tokens_per_s_spread"] = (max(tps) - min(tps)) / m["tokens_per_s"]
@@ -321,6 +356,12 @@ def main(argv=None) -> int:
     os.makedirs(runs_root, exist_ok=True)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     validate_matrix(matrix, layouts)
+    env_path = os.path.join(runs_root, "environment.json")  # the training machine's, for --collect-only
+    if not args.collect_only:
+        with open(env_path, "w") as f:
+            json.dump(environment(matrix), f, indent=1)
+    with open(env_path) as f:
+        trained_on = json.load(f)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
@@ -359,7 +400,7 @@ def main(argv=None) -> int:
         "matrix": matrix.name,
         "description": matrix.description,
         "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "run.py", *(argv or sys.argv[1:])]),
-        "environment": {**environment(matrix), "load_avg_at_start": list(load_start), "timing_noise": noise},
+        "environment": {**trained_on, "load_avg_at_start": list(load_start), "timing_noise": noise},
         "settings": {"steps": matrix.steps, "warmup_steps_skipped": matrix.warmup, "base_overrides": list(matrix.base),
                      "comm_timer": not args.no_comm_timer, "repeats": args.repeats,
                      "omp_num_threads_per_rank": 1 if matrix.device == "cpu" else None,
@@ -368,6 +409,7 @@ def main(argv=None) -> int:
         "runs": runs,
         "scaling": scaling,
         "calibration": calibration,
+        "loss_match": loss_match(runs),
         "plots": {kind: os.path.relpath(f"{stem}_{kind}.png", REPO) for kind in ("strong", "weak")},
         "harness_wall_s": time.perf_counter() - t_start,
     }

@@ -18,4 +18,4 @@ class MoEConfig:
     token_rounding: bool = False  # SonicMoE: round per-expert counts to tile_m multiples
     tile_m: int = 128
     norm_topk_prob: Optional[bool] = None  # renormalise the top-k weights; None: yes unless softmax with k=1
-    implementation: str = "auto"  # auto | triton | torch (reference)
+    implementation: str = "auto"  # auto | triton | torch (reference) | grouped_mm (argsort + torch._grouped_mm)

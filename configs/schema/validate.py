@@ -45,7 +45,7 @@ def _moe(m) -> None:
         raise ConfigError("moe.top_k", f"got {m.top_k}, must be in [1, moe.num_experts={m.num_experts}]")
     _choice("moe.score_func", m.score_func, ["softmax", "sigmoid"])
     _choice("moe.load_balancing", m.load_balancing, ["aux_loss", "aux_free", "none"])
-    _choice("moe.implementation", m.implementation, ["auto", "triton", "torch"])
+    _choice("moe.implementation", m.implementation, ["auto", "triton", "torch", "grouped_mm"])
     _positive("moe.tile_m", m.tile_m)
     _positive("moe.shared_expert_ffn_dim", m.shared_expert_ffn_dim, allow_zero=True)
     for name in ("aux_loss_coef", "z_loss_coef", "aux_free_bias_lr"):

@@ -18,7 +18,9 @@ from . import kernel as K
 from .reference import moe_experts_reference
 from .routing import Routing
 
-IMPLEMENTATIONS = ("auto", "triton", "torch")
+# grouped_mm: the argsort + torch._grouped_mm layer (the benchmark anchor), trainable too, so
+# multi-GPU runs can compare the fused kernels against it inside a real model.
+IMPLEMENTATIONS = ("auto", "triton", "torch", "grouped_mm")
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,9 @@ def resolve_implementation(implementation: str, *tensors: torch.Tensor) -> str:
     usable = triton_usable(*tensors)
     if implementation == "triton" and not usable:
         raise ValueError("moe.implementation='triton' needs CUDA tensors or TRITON_INTERPRET=1; use 'auto' or 'torch'")
+    if implementation == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(f"moe.implementation='grouped_mm' needs torch._grouped_mm (torch >= 2.8), "
+                         f"this is torch {torch.__version__}; use 'auto', 'triton' or 'torch'")
     if implementation == "auto":
         return "triton" if usable else "torch"
     return implementation
@@ -213,6 +218,10 @@ def moe_experts(
     impl = resolve_implementation(implementation, x, w_gate_up, w_down)
     if impl == "torch":
         return moe_experts_reference(x, w_gate_up, w_down, routing)
+    if impl == "grouped_mm":
+        from .grouped_mm_anchor import moe_experts_grouped_mm
+
+        return moe_experts_grouped_mm(x, w_gate_up.to(x.dtype), w_down.to(x.dtype), routing)
     w_gate_up = w_gate_up.to(x.dtype).contiguous()
     w_down = w_down.to(x.dtype).contiguous()
     blk = blocks or default_blocks(x.dtype)

@@ -23,6 +23,17 @@ from .function import IMPLEMENTATIONS, moe_experts, resolve_implementation
 from .router import Router
 
 
+def autocast_expert_inputs(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
+    """Under autocast, cast the expert inputs as F.linear would: autograd Functions and
+    torch._grouped_mm are not autocast ops, so fp32 master weights and an fp32 residual stream
+    would otherwise run the expert GEMMs in fp32 (and send fp32 rows through the EP all-to-all)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, w1, w2
+    dt = torch.get_autocast_dtype(dev)
+    return x.to(dt), w1.to(dt), w2.to(dt)
+
+
 class StackedExpertWeight(nn.Module):
     """One (E, out, in) parameter named ``weight``: keeps Llama's init rules (``down_proj.weight``
     gets the scaled residual init) and reads like nn.Linear per expert."""
@@ -90,7 +101,7 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         routing, aux, stats = self.router(x2)
-        w1, w2 = self.gate_up_proj.weight, self.down_proj.weight
+        x2, w1, w2 = autocast_expert_inputs(x2, self.gate_up_proj.weight, self.down_proj.weight)
         impl = resolve_implementation(self.implementation, x2, w1, w2)
 
         def local(xs, a, b, r):

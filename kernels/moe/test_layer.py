@@ -132,3 +132,44 @@ def test_tiny_moe_llama_trains():
     for m in model.modules():
         if isinstance(m, MoEMLP):
             assert m.last_stats["expert_load"].sum() == 2 * 8 * 2
+
+
+def _layer_grads(m, x, dy):
+    x = x.clone().requires_grad_()
+    y = m(x)
+    ((y.float() * dy).sum() + (m.aux_loss if m.aux_loss is not None else 0)).backward()
+    return [y, x.grad] + [p.grad for _, p in sorted(m.named_parameters())]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm needs torch >= 2.8")
+@pytest.mark.parametrize("tokens", [37, 64])
+def test_layer_grouped_mm_implementation_matches_torch(tokens):
+    """moe.implementation=grouped_mm (the anchor, trainable in a model) against the per-expert loop."""
+    torch.manual_seed(tokens)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # CUDA grouped_mm is bf16-only
+    moe = MoEConfig(num_experts=5, top_k=2, expert_ffn_dim=32, token_rounding=tokens == 64, tile_m=16)
+    fast = MoEMLP(40, MoEConfig(**{**moe.__dict__, "implementation": "grouped_mm"})).to(DEVICE, dtype)
+    slow = MoEMLP(40, MoEConfig(**{**moe.__dict__, "implementation": "torch"})).to(DEVICE).double()
+    slow.load_state_dict({k: v.double() for k, v in fast.state_dict().items()})
+    x, dy = torch.randn(tokens, 40, device=DEVICE), torch.randn(tokens, 40, device=DEVICE)
+    names = ["out", "dx"] + [n for n, _ in sorted(fast.named_parameters())]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(names, _layer_grads(fast, x.to(dtype), dy), _layer_grads(slow, x.double(), dy.double())):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) < tol, (name, rel_err(a, b))
+
+
+def test_layer_under_autocast_runs_experts_in_the_autocast_dtype():
+    """fp32 master weights + fp32 residual under bf16 autocast: the expert GEMMs see bf16 (as F.linear
+    would), the weights' gradients come back fp32, and the result is close to the fp32 layer."""
+    torch.manual_seed(0)
+    m = MoEMLP(32, MoEConfig(num_experts=4, top_k=2, expert_ffn_dim=24, implementation="torch")).to(DEVICE)
+    x, dy = torch.randn(2, 9, 32, device=DEVICE), torch.randn(2, 9, 32, device=DEVICE)
+    ref = _layer_grads(m, x, dy)
+    m.zero_grad()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _layer_grads(m, x, dy)
+    assert got[0].dtype == torch.bfloat16
+    assert m.gate_up_proj.weight.grad.dtype == torch.float32 and m.down_proj.weight.grad.dtype == torch.float32
+    for a, b in zip(got, ref):
+        assert 0 < rel_err(a.float(), b) < 3e-2
