@@ -72,13 +72,15 @@ class _FP32Logits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return x.float() @ w.float().t()
+        with torch.autocast(x.device.type, enabled=False):  # fp32 logits also under bf16 autocast
+            return x.float() @ w.float().t()
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        dx = (g @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        with torch.autocast(x.device.type, enabled=False):
+            dx = (g.float() @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw = (g.float().t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
