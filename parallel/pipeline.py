@@ -80,7 +80,7 @@ class StageModule(nn.Module):
                 x = block(x, cos, sin)
         if self.last:
             return self.head(self.norm(x))
-        return x.contiguous()  # the strides the next stage expects (SP collectives return transposed views)
+        return x.contiguous()  # the strides the next stage expects
 
 
 class Pipeline:
@@ -100,6 +100,10 @@ class Pipeline:
         self.first_rank = rank_of_stage(0, pp, v, pcfg.pp_schedule)
         self.last_rank = rank_of_stage(self.n_stages - 1, pp, v, pcfg.pp_schedule)
         self.modules = [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, sp) for s in self.local_ids]
+        # NCCL: the first operation on a group must involve all of its ranks, and the schedules' first
+        # batched send/recv only involves two (with pp > 2 they hung on GPU; gloo does not care).
+        # One all-reduce creates the pp group's communicator on every rank first.
+        dist.all_reduce(torch.zeros(1, device=device), group=groups.pp_group)
         hidden = torch.empty(micro_batch, seq_len // sp, model.cfg.dim, dtype=dtype, device=device)
         tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
         self.hidden_shape, self.hidden_dtype = tuple(hidden.shape), dtype

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,10 +89,15 @@ def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with open(os.path.join(run_dir, "launch.log"), "w") as log:
+        # own process group: a timed-out run is killed with all its ranks, which would otherwise
+        # live on holding GPU memory (the next layouts then ran out of memory)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(matrix, comm_timer, layout), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=REPO, env=run_env(matrix, comm_timer, layout), stdout=log, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = "timeout"
     return {"command": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - start,
             "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
@@ -212,7 +218,7 @@ def environment(matrix: matrices.Matrix) -> dict:
     from importlib import metadata
 
     versions = {"python": platform.python_version()}
-    for pkg in ("torch", "deepspeed", "hydra-core", "triton"):
+    for pkg in ("torch", "deepspeed", "megatron-core", "hydra-core", "triton"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -41,27 +41,28 @@ def round_expert_counts(counts: torch.Tensor, tile_m: int, num_tokens: int) -> t
     return base + tile_m * up.long()
 
 
-def _descending_key(score: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordering (selected first, then by score), exactly: the fp32 score bits made
-    monotone as integers, in two bands 2^33 apart. One integer sort replaces two stable sorts."""
-    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
-    monotone = torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF) - 1)
-    return monotone + selected.to(torch.int64) * (1 << 33)
-
-
 def token_rounding_mask(select_score: torch.Tensor, topk_mask: torch.Tensor, tile_m: int) -> torch.Tensor:
     """New (T, E) assignment mask whose per-expert counts are tile multiples.
 
-    Per expert, tokens are ranked: its top-k tokens first (by score), then the unselected ones (by
-    score). Keeping the first n_e of that ranking drops the lowest-scored selected tokens when
-    n_e < count and adds the best unselected tokens when n_e > count. A (token, expert) pair
+    Per expert, the target count is the nearer tile multiple (round_expert_counts), so at most
+    tile_m - 1 tokens move: the lowest-scored of its top-k tokens are dropped when the target is
+    below the count, the best-scored tokens that did not select it are added when above. Two
+    top-(tile_m) selections over the (E, T) scores find both candidate lists -- a full sort of
+    every expert's T scores cost more than the padding rounding saves. A (token, expert) pair
     appears at most once, so no token is routed twice to one expert."""
     t = select_score.shape[0]
-    target = round_expert_counts(topk_mask.sum(0), tile_m, t)
-    key = _descending_key(select_score.t(), topk_mask.t())  # (E, T): one row per expert
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    keep = torch.arange(t, device=order.device)[None, :] < target[:, None]
-    return torch.zeros_like(keep).scatter_(1, order, keep).t()
+    counts = topk_mask.sum(0)
+    delta = round_expert_counts(counts, tile_m, t) - counts  # (E,), |delta| < tile_m
+    k = min(tile_m, t)
+    score, sel = select_score.float().t(), topk_mask.t()  # (E, T)
+    lowest_selected = torch.topk(torch.where(sel, -score, float("-inf")), k, dim=1).indices
+    best_unselected = torch.topk(torch.where(sel, float("-inf"), score), k, dim=1).indices
+    j = torch.arange(k, device=score.device)[None, :]
+    mask = sel.clone()
+    # the first -delta of the lowest-selected list go, the first +delta of the best-unselected come
+    mask.scatter_(1, lowest_selected, mask.gather(1, lowest_selected) & (j >= (-delta)[:, None]))
+    mask.scatter_(1, best_unselected, mask.gather(1, best_unselected) | (j < delta[:, None]))
+    return mask.t()
 
 
 class _FP32Logits(torch.autograd.Function):

@@ -86,9 +86,9 @@ def routing_from_mask(mask: torch.Tensor, weight: torch.Tensor) -> Routing:
     per_token = mask.sum(1)
     token_offsets = torch.zeros(t + 1, dtype=torch.int32, device=mask.device)
     token_offsets[1:] = torch.cumsum(per_token, 0)
-    order = torch.argsort(token, stable=True)  # token-major, experts ascending inside a token
-    dest = torch.empty_like(order)
-    dest[order] = torch.arange(order.numel(), device=mask.device)
+    # token-major row of pair (expert, token): the token's first row + how many lower experts it uses
+    rank_in_token = mask.cumsum(1, dtype=torch.int32) - 1
+    dest = token_offsets[token] + rank_in_token[token, expert]
     return Routing(
         num_tokens=t,
         num_experts=e,
