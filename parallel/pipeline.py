@@ -11,6 +11,7 @@ Tied embeddings across stages: the last stage holds its own copy of the embeddin
 (same initial values); `engine` sums the two gradients over `groups.embed_group` so they stay equal
 (Megatron's embedding group)."""
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -104,6 +105,9 @@ class Pipeline:
         # batched send/recv only involves two (with pp > 2 they hung on GPU; gloo does not care).
         # One all-reduce creates the pp group's communicator on every rank first.
         dist.all_reduce(torch.zeros(1, device=device), group=groups.pp_group)
+        if device.type == "cuda" and groups.rank == 0:
+            warnings.warn("pipeline parallel over NCCL hung at pp=4 in sparsetron's GPU runs (README, 'Known issue'); "
+                          "it is verified on gloo only", stacklevel=2)
         hidden = torch.empty(micro_batch, seq_len // sp, model.cfg.dim, dtype=dtype, device=device)
         tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
         self.hidden_shape, self.hidden_dtype = tuple(hidden.shape), dtype

@@ -331,3 +331,23 @@ def test_layout_comm_timer_overrides_the_harness_flag():
     assert run.run_env(m, True, m.layout("w4_zero1"))["SPARSETRON_COMM_TIMER"] == "0"
     assert run.run_env(m, True, m.layout("m4_ep4_fused"))["SPARSETRON_COMM_TIMER"] == "1"
     assert run.run_overrides(m, m.layout("g1_gb32"), "/x").count("train.max_steps=6") == 1
+
+
+def test_kill_tree_reaches_workers_in_their_own_session():
+    """torchrun puts its workers in new sessions: a timed-out launch must not leave them running."""
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    run = _load("run")
+    code = "import subprocess, time; subprocess.Popen(['sleep', '120'], start_new_session=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.time() + 20
+    while not psutil.Process(proc.pid).children(recursive=True) and time.time() < deadline:
+        time.sleep(0.1)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers
+    run.kill_tree(proc)
+    psutil.wait_procs(workers, timeout=10)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -81,6 +81,28 @@ def validate_matrix(matrix: matrices.Matrix, layouts) -> None:
             raise ValueError(f"matrix {matrix.name}, layout {lay.name}: {err}") from None
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a launch and every process under it. torchrun starts its workers in sessions of their
+    own, so killing its process group missed them: hung NCCL workers lived on, spinning on the GPUs
+    and slowing the next layouts (seen on 4 H200s)."""
+    try:
+        import psutil
+
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # psutil missing or the launcher already gone: the group kill below still runs
+        victims = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in victims:
+        try:
+            child.kill()
+        except Exception:
+            pass
+    proc.wait()
+
+
 def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> dict:
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # metrics.jsonl is appended to: a stale one would mix runs
@@ -96,8 +118,7 @@ def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> 
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             rc = "timeout"
     return {"command": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - start,
             "load_avg_1min_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
