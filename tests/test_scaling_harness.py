@@ -351,3 +351,16 @@ def test_kill_tree_reaches_workers_in_their_own_session():
     run.kill_tree(proc)
     psutil.wait_procs(workers, timeout=10)
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_comm_timer_splits_seconds_per_collective():
+    from sparsetron.parallel.comm_timer import CommTimer
+
+    timer = CommTimer(sync_cuda=False)
+    timer.add(0.0, 1.0, "all_reduce")
+    timer.add(0.5, 2.0, "all_to_all_single")  # overlaps the first: counted once in the total
+    timer.add(3.0, 4.0, "all_reduce")
+    total, by_op = timer.breakdown_and_reset()
+    assert total == pytest.approx(3.0)
+    assert by_op == pytest.approx({"all_reduce": 2.0, "all_to_all_single": 1.5})
+    assert timer.breakdown_and_reset() == (0.0, {})
