@@ -4,7 +4,7 @@
     python benchmarks/nm_sparse_recipe.py --dry-run --out /tmp/nm.json  # CPU, tiny model, < 90 s
 
 Speed (in this process, the engine's real train_step on one fixed random batch, CUDA events):
-  dense model step | 2:4 step, sparsity.backend=dense (masked dense) | 2:4 step, backend=auto
+  dense model step | 2:4 step, sparsity.backend=dense (masked dense) | 2:4 step, backend=packed
   (packed semi-structured forward), each with plain CE and with the SquareHead objective; then the
   inference forward of the 2:4 model (packed, cached packing) vs masked dense vs the dense model at a
   few batch sizes (do_bench median), and the GEMM-level rows of kernels/nm_sparse/benchmark.py at this
@@ -15,8 +15,12 @@ Quality (through the real training CLI, `python -m sparsetron.train`):
   2. three 2:4 fine-tunes from it, the same steps each (experiment=nm24_finetune model=125m ...):
      (a) no distillation, (b) logit KD only (beta_squarehead=0), (c) SquareHead (KD + hidden states).
      Step 0 of each logs the one-shot (magnitude-pruned, not yet trained) model's validation loss.
-  Reported: validation loss / perplexity of teacher, one-shot, (a)-(c), and the fraction of the
-  one-shot -> teacher gap each fine-tune recovered, (one-shot - run) / (one-shot - teacher).
+  3. a dense control: the same fine-tune with sparsity off (the teacher trained the same extra steps).
+  Reported: validation loss / perplexity of teacher, one-shot, (a)-(c), the control, and the fraction
+  of the gap each fine-tune recovered, against the frozen teacher (the issue's definition) and against
+  the control. The second is the honest one when the teacher is not converged: then any student
+  improves past the frozen teacher just by training longer (seen on the H200: 300 pre-training steps,
+  "recovered" 323-625 %), and the goal is judged against the control.
 Corpus: the default source (this Python's standard library, BPE 32000), all of it by default
 (--corpus-bytes 0): the 6 MB default cap holds ~1.4K windows of 1024 tokens, which 300 steps of 64
 sequences would repeat ~14 times; the whole stdlib (~7K windows) is ~2.6 epochs.
@@ -59,12 +63,13 @@ FINETUNES = {  # name -> overrides on top of experiment=nm24_finetune
     "logit_kd": ["sparsity.distill.beta_squarehead=0"],
     "squarehead": [],
 }
+DENSE_CONTROL = ("dense_continued", ["sparsity.enabled=false"])  # same fine-tune, no 2:4
 SPEED_VARIANTS = {  # name -> overrides on top of the fine-tune config (one optimizer step each)
     "dense_model": ["sparsity.enabled=false"],
     "sparse_masked_dense": ["sparsity.backend=dense", "sparsity.distill.enabled=false"],
-    "sparse_packed": ["sparsity.backend=auto", "sparsity.distill.enabled=false"],
+    "sparse_packed": ["sparsity.backend=packed", "sparsity.distill.enabled=false"],
     "squarehead_masked_dense": ["sparsity.backend=dense"],
-    "squarehead_packed": ["sparsity.backend=auto"],
+    "squarehead_packed": ["sparsity.backend=packed"],
 }
 
 
@@ -246,7 +251,7 @@ def measure_train_steps(base, runtime, args, log: PackLog) -> dict:
         "speedup_packed_vs_dense_model": ratio("dense_model", "sparse_packed"),
         "speedup_packed_vs_masked_dense": ratio("sparse_masked_dense", "sparse_packed"),
         "speedup_squarehead_packed_vs_masked_dense": ratio("squarehead_masked_dense", "squarehead_packed"),
-        "note": None if packed_any else "no linear ran the packed 2:4 forward (see layer_summary): backend=auto "
+        "note": None if packed_any else "no linear ran the packed 2:4 forward (see layer_summary): backend=packed "
                                         "fell back to masked dense, so these ratios are not a 2:4 speed-up",
         "loss_rel_diff_packed_vs_masked": (abs(first_losses["sparse_packed"] - first_losses["sparse_masked_dense"])
                                            / abs(first_losses["sparse_masked_dense"]))
@@ -266,7 +271,7 @@ def measure_inference(base, runtime, args, log: PackLog) -> dict:
     torch.manual_seed(cfg.train.seed)
     dense = Llama(cfg.model, cfg.attention, cfg.moe).to(device).eval()
     sparse_model = copy.deepcopy(dense)
-    sparsifier = Sparsifier(sparse_model, SparsityConfig(backend="auto"))
+    sparsifier = Sparsifier(sparse_model, SparsityConfig(backend="packed"))
     sparsifier.init_masks()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -283,7 +288,7 @@ def measure_inference(base, runtime, args, log: PackLog) -> dict:
             try:
                 set_backend("dense")
                 ref = sparse_model(tokens).float()
-                set_backend("auto")
+                set_backend("packed")
                 before = dict(log.packs)
                 out = sparse_model(tokens).float()
                 packs = {k: v - before.get(k, 0) for k, v in log.packs.items() if v - before.get(k, 0)}
@@ -300,7 +305,7 @@ def measure_inference(base, runtime, args, log: PackLog) -> dict:
                 row["error"] = f"{type(err).__name__}: {str(err)[:600]}"
             print(f"inference {json.dumps(row)}", flush=True)
             rows.append(row)
-            set_backend("auto")
+            set_backend("packed")
     packed_any = bool(paths) and any(r["reason"] is None for r in paths)
     dense = sparse_model = sparsifier = None
     free(device)
@@ -371,19 +376,19 @@ def finetune_steps_that_fit(args, remaining_s, overhead_s, speed) -> tuple:
     """The same steps for the three fine-tunes, lowered if the measured step times say they would
     not fit the remaining budget (plus one start-up and two evaluations per run)."""
     per_step = []
-    for variant in ("sparse_packed", "squarehead_packed", "squarehead_packed"):  # (a), (b) ~ (c), (c)
+    for variant in ("sparse_packed", "squarehead_packed", "squarehead_packed", "dense_model"):  # (a)-(c), control
         v = speed.get("variants", {}).get(variant, {})
         fallback = speed.get("variants", {}).get("dense_model", {}).get("step_s")
         per_step.append(v.get("step_s") or (2.0 * fallback if fallback else None))
     if any(s is None for s in per_step):
         return args.finetune_steps, "no step time measured: requested steps kept"
-    usable = remaining_s - args.margin_s - 3 * overhead_s
+    usable = remaining_s - args.margin_s - 4 * overhead_s
     fit = int(usable / sum(per_step)) if usable > 0 else 0
     if fit >= args.finetune_steps:
         return args.finetune_steps, None
     steps = max(args.min_finetune_steps, fit)
     return steps, (f"lowered from {args.finetune_steps}: {remaining_s:.0f} s left, est. {overhead_s:.0f} s start-up "
-                   f"per run and {sum(per_step):.2f} s per step of the three runs")
+                   f"per run and {sum(per_step):.2f} s per step of the four runs")
 
 
 def recipe(args, root, budget_end, speed) -> dict:
@@ -407,6 +412,12 @@ def recipe(args, root, budget_end, speed) -> dict:
             continue
         overrides = finetune_overrides(args, ckpt, steps, extra)
         out["finetunes"][name], _ = run_cli(f"finetune_{name}", overrides, root, left)
+    left = budget_end - time.time()
+    name, extra = DENSE_CONTROL
+    if left < overhead + 5:
+        out["skipped_for_budget"].append(name)
+    else:
+        out[name], _ = run_cli(name, finetune_overrides(args, ckpt, steps, extra), root, left)
     return out
 
 
@@ -430,7 +441,20 @@ def quality_table(rec) -> dict:
         loss = r["final_val_loss"]
         rows[name] = {"val_loss": loss, "ppl": ppl(loss),
                       "recovered_fraction": (one_shot - loss) / gap if gap and gap > 0 and loss is not None else None}
+    control = (rec.get(DENSE_CONTROL[0]) or {})
+    control_loss = None if "error" in control else control.get("final_val_loss")
+    rows[DENSE_CONTROL[0]] = {"val_loss": control_loss, "ppl": ppl(control_loss),
+                              **({"error": control.get("error", "not run")} if control_loss is None else {})}
+    fair_gap = (one_shot - control_loss) if one_shot is not None and control_loss is not None else None
+    for name in FINETUNES:
+        loss = rows[name]["val_loss"]
+        rows[name]["recovered_vs_dense_continued"] = ((one_shot - loss) / fair_gap if fair_gap and fair_gap > 0
+                                                      and loss is not None else None)
     rows["gap_one_shot_minus_teacher"] = gap
+    rows["gap_one_shot_minus_dense_continued"] = fair_gap
+    # the frozen teacher is a fair target only if training it further does not move it
+    rows["teacher_converged"] = (None if control_loss is None or gap is None
+                                 else teacher - control_loss < 0.1 * max(gap, 1e-9))
     return rows
 
 
@@ -524,9 +548,12 @@ def main(argv=None):
 
 def goals(report) -> dict:
     q, s = report.get("quality") or {}, report.get("speed") or {}
-    rec = (q.get("squarehead") or {}).get("recovered_fraction")
+    sq = q.get("squarehead") or {}
+    # against the dense control unless the teacher is converged (then both say the same)
+    rec = sq.get("recovered_fraction") if q.get("teacher_converged") else sq.get("recovered_vs_dense_continued")
     sp = s.get("speedup_packed_vs_dense_model")
     return {"squarehead_recovers_ge_95pct": None if rec is None else rec >= 0.95,
+            "squarehead_recovered_fraction_judged": rec,
             "sparse_step_ge_1_15x_dense_step": None if sp is None or not s.get("packed_path_used") else sp >= 1.15}
 
 
@@ -539,13 +566,16 @@ def print_table(report):
           f"{report['cusparselt_version']}  model {report['model']['name']}  dry_run={report['dry_run']}")
     q = report.get("quality")
     if q:
-        print(f"\n{'model':22} {'val loss':>9} {'ppl':>9} {'gap recovered':>14}")
-        for name in ("teacher_dense", "one_shot_2to4", *FINETUNES):
+        print(f"\n{'model':22} {'val loss':>9} {'ppl':>9} {'recovered vs teacher':>21} {'vs dense control':>17}")
+        for name in ("teacher_dense", "one_shot_2to4", *FINETUNES, DENSE_CONTROL[0]):
             r = q.get(name, {})
-            rec = r.get("recovered_fraction")
+            rec, fair = r.get("recovered_fraction"), r.get("recovered_vs_dense_continued")
             print(f"{name:22} {_f(r.get('val_loss'), '9.4f')} {_f(r.get('ppl'), '9.2f')} "
-                  f"{_f(100 * rec if rec is not None else None, '13.1f')}{'%' if rec is not None else ''}"
+                  f"{_f(100 * rec if rec is not None else None, '20.1f')}{'%' if rec is not None else ' '} "
+                  f"{_f(100 * fair if fair is not None else None, '16.1f')}{'%' if fair is not None else ''}"
                   + (f"  ERROR {r['error'][:80]}" if r.get("error") else ""))
+        print(f"teacher converged (the same extra steps move it < 10 % of the one-shot gap): "
+              f"{q.get('teacher_converged')}")
         rec = report["recipe"]
         if rec.get("finetune_steps_note"):
             print("fine-tune steps:", rec["finetune_steps_note"])

@@ -64,7 +64,21 @@ def test_dry_run_report_has_every_field(dry_run):
     for name in FINETUNES:
         expected = (one_shot - q[name]["val_loss"]) / gap if gap > 0 else None
         assert q[name]["recovered_fraction"] == (pytest.approx(expected) if expected is not None else None), name
-    assert set(report["goals"]) == {"squarehead_recovers_ge_95pct", "sparse_step_ge_1_15x_dense_step"}
+    # the dense control: the same fine-tune without 2:4, from the same teacher checkpoint
+    control = rec["dense_continued"]
+    assert "error" not in control and control["steps"] == steps and "final_kl" not in control
+    fair_gap = one_shot - control["final_val_loss"]
+    assert q["dense_continued"]["val_loss"] == control["final_val_loss"]
+    assert q["gap_one_shot_minus_dense_continued"] == pytest.approx(fair_gap)
+    for name in FINETUNES:
+        expected = (one_shot - q[name]["val_loss"]) / fair_gap if fair_gap > 0 else None
+        assert q[name]["recovered_vs_dense_continued"] == (pytest.approx(expected) if expected else None), name
+    assert q["teacher_converged"] == (teacher - control["final_val_loss"] < 0.1 * max(gap, 1e-9))
+    judged = (q["squarehead"]["recovered_fraction"] if q["teacher_converged"]
+              else q["squarehead"]["recovered_vs_dense_continued"])
+    assert report["goals"]["squarehead_recovered_fraction_judged"] == judged
+    assert set(report["goals"]) == {"squarehead_recovers_ge_95pct", "squarehead_recovered_fraction_judged",
+                                    "sparse_step_ge_1_15x_dense_step"}
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def run(smoke: bool, tokens: int):
         mask = nm_mask(w, 2, 4)
         assert torch.equal(mask, nm_mask_reference(w.detach().abs(), 2, 4)), "mask kernel != reference"
         ref = F.linear(x.float(), (w * mask).float())
-        y = nm_linear(x, w, mask, n=2, m=4, mode="srste")
+        y = nm_linear(x, w, mask, n=2, m=4, mode="srste", backend="packed")
         err = rel(y, ref)
         assert err < 1e-2, f"nm_linear forward rel err {err}"
         fast = semi_structured_unavailable(x.device, dtype, w.shape, 2, 4) is None
@@ -66,13 +66,13 @@ def run(smoke: bool, tokens: int):
             if fast:
                 r["packed_fwd_ms"] = bench(lambda: F.linear(x, packed), smoke)
                 r["pack_ms"] = bench(lambda: pack_2to4(wm), smoke)
-            r["train_fwd_ms"] = bench(lambda: nm_linear(x, w, mask, n=2, m=4), smoke)
+            r["train_fwd_ms"] = bench(lambda: nm_linear(x, w, mask, n=2, m=4, backend="packed"), smoke)
 
         def dense_step():
             F.linear(x, w).backward(gy)
 
         def sparse_step():
-            nm_linear(x, w, mask, n=2, m=4).backward(gy)
+            nm_linear(x, w, mask, n=2, m=4, backend="packed").backward(gy)
 
         r["dense_step_ms"] = bench(dense_step, smoke)
         r["nm_step_ms"] = bench(sparse_step, smoke)

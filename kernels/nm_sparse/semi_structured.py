@@ -21,7 +21,11 @@ from .function import fixed_masked_weight, srste_masked_weight
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dense")
+BACKENDS = ("auto", "packed", "dense")  # auto: packed where it pays; packed: wherever it runs; dense: never
+# "auto" packs a weight only when both of its sides are at least this. Measured on an H200 (cuSPARSELt 0.8,
+# 16K tokens, BENCHMARKS.md "N:M"): the packed forward is 7-30x slower than dense at sides 256-2048 (a fixed
+# per-call cost of ~0.5 ms), and 1.19x faster for an 8192^3 GEMM; 4096 is between the two, unmeasured.
+MIN_PACKED_DIM = 4096
 MODES = ("srste", "fixed")
 _warned: set = set()
 _broken: set = set()  # (device, dtype, shape) keys whose packing failed at run time
@@ -53,8 +57,15 @@ def _sparse_class() -> Tuple[Optional[type], str]:
     return None, f"cuSPARSELt not available on sm{major}x and CUTLASS 2:4 kernels exist only for sm8x"
 
 
-def semi_structured_unavailable(device: torch.device, dtype: torch.dtype, shape, n: int, m: int) -> Optional[str]:
-    """None if the packed 2:4 forward can run for this weight, else the reason it cannot."""
+def packing_pays(shape, min_dim: int = MIN_PACKED_DIM) -> bool:
+    """Whether a weight is big enough for the packed 2:4 forward to beat masked dense (backend auto)."""
+    return min(shape) >= min_dim
+
+
+def semi_structured_unavailable(device: torch.device, dtype: torch.dtype, shape, n: int, m: int,
+                                backend: str = "packed") -> Optional[str]:
+    """None if the packed 2:4 forward can run (and, for backend "auto", pays) for this weight, else the
+    reason it does not."""
     if device.type != "cuda":
         return f"device {device.type} (needs CUDA)"
     if not is_2to4_subset(n, m):
@@ -72,6 +83,9 @@ def semi_structured_unavailable(device: torch.device, dtype: torch.dtype, shape,
         return f"weight shape {tuple(shape)} not a multiple of ({cons.sparse_min_rows}, {cons.sparse_min_cols}) for {cls.BACKEND}"
     if (device, dtype, tuple(shape)) in _broken:
         return f"packing failed before for {tuple(shape)} {dtype}"
+    if backend == "auto" and not packing_pays(shape):
+        return (f"weight shape {tuple(shape)} has a side below {MIN_PACKED_DIM}: there cuSPARSELt's per-call cost "
+                f"exceeds the 2:4 saving (sparsity.backend=packed forces it)")
     return None
 
 
@@ -138,8 +152,9 @@ def nm_linear(
     backend: str = "auto",
     packed=None,
 ) -> torch.Tensor:
-    """Linear with an N:M-masked weight. backend "auto": packed 2:4 forward where supported,
-    masked dense otherwise (one warning per reason); "dense": always masked dense.
+    """Linear with an N:M-masked weight. backend "auto": packed 2:4 forward where supported and the
+    weight is big enough to gain from it, masked dense otherwise (one warning per reason); "packed":
+    wherever supported; "dense": always masked dense.
     `packed`: a cached packing of the masked weight (inference, weights unchanged)."""
     if backend not in BACKENDS:
         raise ValueError(f"nm_linear: backend must be one of {BACKENDS}, got {backend!r}")
@@ -149,7 +164,7 @@ def nm_linear(
     if backend == "dense":
         return F.linear(x, w, bias)
     dtype = compute_dtype(x)
-    reason = semi_structured_unavailable(x.device, dtype, weight.shape, n, m)
+    reason = semi_structured_unavailable(x.device, dtype, weight.shape, n, m, backend)
     if reason is not None:
         warn_once(reason)
         return F.linear(x, w, bias)

@@ -47,7 +47,8 @@ class SparsityConfig:
     ramp_start_step: int = 0
     ramp_end_step: int = 1000
     ramp_power: float = 3.0  # sparsity(t) = s_final * (1 - (1 - t)^power), Zhu & Gupta cubic for 3
-    backend: str = "auto"  # auto (2:4 cuSPARSELt forward where supported, else masked dense) | dense
+    backend: str = "auto"  # auto (2:4 cuSPARSELt forward where supported and the weight is >= 4096 a side, else
+    # masked dense) | packed (wherever supported) | dense
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
@@ -55,7 +56,7 @@ class SparsityConfig:
             raise ValueError(f"sparsity.m must be an int in [2, 32], got {self.m!r}")
         if not (isinstance(self.n, int) and 1 <= self.n < self.m):
             raise ValueError(f"sparsity.n must be an int in [1, m-1={self.m - 1}], got {self.n!r}")
-        choices = {"method": ("magnitude", "wanda"), "mode": ("srste", "fixed"), "schedule": ("none", "gradual"), "backend": ("auto", "dense")}
+        choices = {"method": ("magnitude", "wanda"), "mode": ("srste", "fixed"), "schedule": ("none", "gradual"), "backend": ("auto", "packed", "dense")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"sparsity.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")

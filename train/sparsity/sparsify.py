@@ -70,7 +70,7 @@ class NMSparseLinear(nn.Linear):
     def _cached_packing(self, x: torch.Tensor):
         """Packed 2:4 weight reused while neither weight nor mask changes (eval / inference)."""
         dtype = compute_dtype(x)
-        if semi_structured_unavailable(x.device, dtype, self.weight.shape, self.n, self.m) is not None:
+        if semi_structured_unavailable(x.device, dtype, self.weight.shape, self.n, self.m, self.backend) is not None:
             return None
         key = (self.weight._version, self.weight_mask._version, dtype, self.n)
         if self._packed is None or self._packed[0] != key:
@@ -81,7 +81,7 @@ class NMSparseLinear(nn.Linear):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._cached_packing(x) if self.backend == "auto" and not torch.is_grad_enabled() else None
+        packed = self._cached_packing(x) if self.backend != "dense" and not torch.is_grad_enabled() else None
         # SR-STE decay goes into .grad once per step (Sparsifier.before_optimizer_step), not here
         return nm_linear(x, self.weight, self.weight_mask, self.bias, n=self.n, m=self.m, mode=self.mode, backend=self.backend, packed=packed)
 
