@@ -346,9 +346,14 @@ def build_torchtitan(shape: dict, seq: int, device, precision: str, compile_bloc
             "activation_checkpointing": "torchtitan SelectiveAC rule (save mm/attention, recompute every 2nd mm)",
             "attention": "FlexAttention (block-causal mask = causal for one document per row)" if attention == "flex"
             else "MODIFIED ANCHOR: torchtitan ScaledDotProductAttention (causal SDPA) instead of its FlexAttention",
-            "modified_anchor": attention != "flex", "compile": compile_blocks,
+            "modifications": [m for m, on in (("SDPA attention", attention != "flex"),
+                                              ("bf16 autocast instead of FSDP2 mixed precision",
+                                               device.type == "cuda" and not precision_used.startswith("fsdp2")))
+                              if on],
+            "compile": compile_blocks,
             "loss": "ChunkedLossWrapper(8 chunks) + " + ("compiled " if compile_blocks else "") + "CrossEntropyLoss",
             "n_params": n_params, "compat_shims": list(shims)}
+    info["modified_anchor"] = bool(info["modifications"])
     return model, step, info
 
 
@@ -451,19 +456,25 @@ def titan_flops(shape, seq):
 
 
 def measure_titan(shape, seq, device, args, over_budget, est_s):
-    """The torchtitan anchor at `seq`; if its FlexAttention cannot run, the modified SDPA anchor."""
+    """The torchtitan anchor at `seq`: its recipe first; if FSDP2's mixed precision fails in the step
+    (torch 2.11 on an H200: "data is not allocated yet"; the same code runs on CPU with torch 2.13),
+    the same model, compile and loss under bf16 autocast; if its FlexAttention cannot run, the
+    modified SDPA anchor. Each attempt is recorded; the first that trains is the anchor."""
     out = []
     compile_blocks = device.type == "cuda"  # the dry run checks the code path eagerly (no C++ compile)
     order = {"auto": ["flex", "sdpa"], "flex": ["flex"], "sdpa": ["sdpa"]}[args.titan_attention]
+    precisions = [args.titan_precision] + (["autocast"] if args.titan_precision == "fsdp" else [])
     for attention in order:
-        name = "torchtitan" if attention == "flex" else "torchtitan-sdpa"
-        if over_budget(f"{name} seq {seq}", est_s):
-            break
-        out.append(measure(name, lambda a=attention: build_torchtitan(shape, seq, device, args.titan_precision,
-                                                                      compile_blocks, attention=a),
-                           shape["vocab_size"], seq, device, args, titan_flops(shape, seq)))
-        if "error" not in out[-1]:
-            break
+        for precision in precisions:
+            name = ("torchtitan" if attention == "flex" else "torchtitan-sdpa") + (
+                "-autocast" if precision != args.titan_precision else "")
+            if over_budget(f"{name} seq {seq}", est_s):
+                return out
+            out.append(measure(name, lambda a=attention, p=precision: build_torchtitan(
+                shape, seq, device, p, compile_blocks, attention=a),
+                shape["vocab_size"], seq, device, args, titan_flops(shape, seq)))
+            if "error" not in out[-1]:
+                return out
     return out
 
 
@@ -599,15 +610,15 @@ def compare(results):
     out = {}
     for seq in sorted({r["seq_len"] for r in results}):
         ours = [r for r in results if r["seq_len"] == seq and r.get("impl") == "sparsetron" and "tokens_per_s" in r]
-        titan = [r for name in ("torchtitan", "torchtitan-sdpa") for r in results
-                 if r["seq_len"] == seq and r.get("name") == name and "tokens_per_s" in r]
+        titan = [r for name in ("torchtitan", "torchtitan-autocast", "torchtitan-sdpa", "torchtitan-sdpa-autocast")
+                 for r in results if r["seq_len"] == seq and r.get("name") == name and "tokens_per_s" in r]
         if not ours:
             continue
         best = max(ours, key=lambda r: r["tokens_per_s"])
         row = {"best_variant": best["variant"], "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"]}
         if titan:
-            row.update(torchtitan_anchor=titan[0]["name"] + (" (MODIFIED: SDPA attention)" if
-                                                             titan[0].get("modified_anchor") else ""),
+            mods = titan[0].get("modifications") or (["SDPA attention"] if titan[0].get("modified_anchor") else [])
+            row.update(torchtitan_anchor=titan[0]["name"] + (f" (MODIFIED: {', '.join(mods)})" if mods else ""),
                        torchtitan_tokens_per_s=titan[0]["tokens_per_s"], torchtitan_mfu=titan[0]["mfu"],
                        speedup_vs_torchtitan=best["tokens_per_s"] / titan[0]["tokens_per_s"])
         out[str(seq)] = row

@@ -213,3 +213,33 @@ def test_torchtitan_flex_anchor_runs_on_a_torch_without_separate_full_blocks():
     assert len(out["flex"]["compat_shims"]) == 1 and "separate_full_blocks" in out["flex"]["compat_shims"][0]
     assert out["sdpa"]["modified_anchor"] and not out["flex"]["modified_anchor"]
     assert out["max_abs_diff"] <= 1e-4 * out["scale"], out
+
+
+def test_titan_anchor_falls_back_to_autocast_then_sdpa_and_records_every_attempt(monkeypatch):
+    """FSDP2's mixed precision failed in torch 2.11's step on an H200: the anchor then retries the same
+    model under autocast, and only then the SDPA attention; the first attempt that trains ends it."""
+    import types
+
+    from sparsetron.benchmarks import dense_speed as ds
+
+    calls = []
+
+    def fake_build(shape, seq, device, precision, compile_blocks, attention="flex"):
+        calls.append((attention, precision))
+        return precision
+
+    def fake_measure(name, build, vocab, seq, device, args, flops):
+        precision = build()
+        return {"name": name, **({"error": "RuntimeError: data is not allocated yet"} if precision == "fsdp"
+                                 else {"tokens_per_s": 1.0})}
+
+    monkeypatch.setattr(ds, "build_torchtitan", fake_build)
+    monkeypatch.setattr(ds, "measure", fake_measure)
+    args = types.SimpleNamespace(titan_attention="auto", titan_precision="fsdp")
+    out = ds.measure_titan({"vocab_size": 8}, 64, torch.device("cpu"), args, lambda *a: False, 1.0)
+    assert calls == [("flex", "fsdp"), ("flex", "autocast")]
+    assert [r["name"] for r in out] == ["torchtitan", "torchtitan-autocast"] and "error" in out[0]
+    args.titan_precision = "autocast"  # asked for autocast: nothing to fall back to but the attention
+    calls.clear()
+    assert [r["name"] for r in ds.measure_titan({"vocab_size": 8}, 64, torch.device("cpu"), args,
+                                                lambda *a: False, 1.0)] == ["torchtitan"]
