@@ -268,6 +268,19 @@ def test_calibration_from_run_dirs_recovers_known_efficiencies(tmp_path):
     tp_row = next(r for r in result["rows"] if r["label"] == "w2_tp2")
     assert tp_row["predicted_comm_s"] > 0 and tp_row["perf_model_layout"].startswith("tp2 pp1 dp1")
 
+    # recommended vs measured: per (model, GPUs, global batch) of the multi-rank runs, the fitted model's
+    # fastest layouts; every measured layout is among those it considered, ranked by its prediction
+    recs = run.recommendations(runs, result, top=2)
+    assert recs and all(key.endswith(" x2 gb8") or key.endswith(" x2 gb16") for key in recs)
+    strong = next(v for k, v in recs.items() if k.endswith("gb8"))
+    assert {m["run"] for m in strong["measured"]} >= {"w2_ddp", "w2_tp2", "w2_pp2"}
+    assert all(1 <= m["rank"] <= strong["layouts_considered"] + 1 and m["predicted_s"] > 0 for m in strong["measured"])
+    zero1 = next(m for m in strong["measured"] if m["run"] == "w2_zero1_ds")
+    assert zero1["predicted_s"] == pytest.approx(zero1["measured_s"], rel=1e-3)  # calibrated to fit exactly
+    preds = [r["predicted_s"] for r in strong["recommended"]]
+    assert len(preds) == 2 and preds == sorted(preds)
+    assert strong["best_measured"] == min(strong["measured"], key=lambda m: m["measured_s"])["layout"]
+
 
 # ------------------------------------------------------------------------------ end to end
 @pytest.mark.slow

@@ -208,6 +208,38 @@ def calibrate_runs(runs: List[dict], cluster) -> Optional[dict]:
             "cluster": dataclasses.asdict(result["cluster"]), "rms_rel_error": result["rms_rel_error"], "rows": rows}
 
 
+def recommendations(runs: List[dict], calibration: Optional[dict], top: int = 3) -> dict:
+    """Per model and GPU count of the measured multi-GPU runs: the layouts the calibrated perf model
+    ranks fastest (same global batch), next to the measured layouts and the model's prediction for
+    each; a recommended layout nobody ran is named as such."""
+    from sparsetron.parallel.perf_model import Cluster, predict, rank_layouts
+
+    if not calibration:
+        return {}
+    cluster = Cluster(**calibration["cluster"])
+    groups: dict = {}
+    for r in runs:
+        if r.get("metrics") and r["layout"]["world"] > 1:
+            m = perf_model_measurement(os.path.join(REPO, r["run_dir"]), r["layout"]["world"],
+                                       r["metrics"]["step_time_s"], r["name"])
+            groups.setdefault((m.model.name, m.model, m.layout.n_gpus, m.layout.global_batch), []).append((r, m))
+    out = {}
+    for (name, model, n, gb), items in groups.items():
+        ranked = rank_layouts(model, n, cluster, gb)
+        key = f"{name} x{n} gb{gb}"
+        measured = []
+        for r, m in items:  # its rank: 1 + the searched layouts predicted faster (the search skips ZeRO-0)
+            pred = predict(m.model, m.layout, cluster).step_time_s
+            measured.append({"run": r["name"], "layout": m.layout.short(), "measured_s": m.step_time_s,
+                             "predicted_s": pred, "rank": 1 + sum(p.step_time_s < pred for p in ranked)})
+        out[key] = {"recommended": [{"layout": p.layout.short(), "predicted_s": p.step_time_s,
+                                     "memory_gb": p.memory_gb} for p in ranked[:top]],
+                    "measured": measured, "layouts_considered": len(ranked),
+                    "best_measured": min(measured, key=lambda x: x["measured_s"])["layout"],
+                    "recommended_was_measured": bool(ranked) and ranked[0].layout.short() in {x["layout"] for x in measured}}
+    return out
+
+
 # ----------------------------------------------------------------------------------- reporting
 LOSS_STEPS = 5  # the issue's "first steps"
 
@@ -302,6 +334,11 @@ def print_table(report: dict) -> None:
             print(f"loss match {name} vs {lm['ref']}: max |diff| {lm['max_abs_diff']:.2e} over steps {lm['steps']}")
         else:
             print(f"loss match {name} vs {lm['ref']}: {lm['status']}")
+    for key, rec in (report.get("recommendations") or {}).items():
+        best = rec["recommended"][0] if rec["recommended"] else None
+        print(f"perf model for {key}: recommends {best and best['layout']} ({best and best['predicted_s']:.3f} s); "
+              f"measured best {rec['best_measured']}" + ("" if rec["recommended_was_measured"] else
+                                                         " (the recommended layout was not run)"))
     cal = report.get("calibration")
     if cal:
         fitted = ", ".join(f"{k}={v:.3f}" for k, v in cal["fitted"].items())
@@ -413,6 +450,8 @@ def main(argv=None) -> int:
         from sparsetron.parallel.perf_model import CLUSTER_PRESETS
 
         cluster = CLUSTER_PRESETS["h100"]
+        if "H200" in str(trained_on["device"].get("gpu", "")):  # same dense peak, more and faster memory
+            cluster = dataclasses.replace(cluster, name="h200", hbm_gb=141.0, hbm_gbps=4800.0)
     calibration = calibrate_runs(runs, cluster) if cluster is not None else None
 
     loads = [rep["launch"]["load_avg_1min_before"] for r in runs for rep in r["repeats"] if "launch" in rep]
@@ -437,6 +476,7 @@ def main(argv=None) -> int:
         "scaling": scaling,
         "calibration": calibration,
         "loss_match": loss_match(runs),
+        "recommendations": recommendations(runs, calibration),
         "plots": {kind: os.path.relpath(f"{stem}_{kind}.png", REPO) for kind in ("strong", "weak")},
         "harness_wall_s": time.perf_counter() - t_start,
     }
