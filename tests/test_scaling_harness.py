@@ -344,6 +344,9 @@ def test_layout_comm_timer_overrides_the_harness_flag():
     assert run.run_env(m, True, m.layout("w4_zero1"))["SPARSETRON_COMM_TIMER"] == "0"
     assert run.run_env(m, True, m.layout("m4_ep4_fused"))["SPARSETRON_COMM_TIMER"] == "1"
     assert run.run_overrides(m, m.layout("g1_gb32"), "/x").count("train.max_steps=6") == 1
+    pp_env = run.run_env(m, True, m.layout("p1_pp4"))  # PP layouts: a hang fails fast, NCCL's ops dumped
+    assert pp_env["SPARSETRON_DIST_TIMEOUT_S"] == "60" and "{run_dir}" in pp_env["TORCH_FR_DUMP_TEMP_FILE"]
+    assert "SPARSETRON_DIST_TIMEOUT_S" not in run.run_env(m, True, m.layout("b_tp4"))
 
 
 def test_kill_tree_reaches_workers_in_their_own_session():

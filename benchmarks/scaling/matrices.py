@@ -8,6 +8,7 @@ point of (scaling_math.py: "strong" = fixed global batch, "weak" = fixed batch p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +30,7 @@ class Layout:
     steps: int = 0  # train steps; 0 = the matrix's
     loss_ref: str = ""  # layout whose per-step losses this run's must match (same model, data, global batch)
     comm_timer: Optional[bool] = None  # None = the harness's flag; False where its syncs would hide overlap
+    env: Tuple[Tuple[str, str], ...] = ()  # extra environment ("{run_dir}" is replaced by the run's directory)
 
     @property
     def dp(self) -> int:
@@ -44,7 +46,8 @@ class Layout:
         return {"name": self.name, "world": self.world, "tp": self.tp, "pp": self.pp, "dp": self.dp, "ep": self.ep,
                 "zero_stage": self.zero_stage, "engine": self.engine, "micro_batch": self.micro_batch,
                 "global_batch": self.global_batch, "extra": list(self.extra), "strong": list(self.strong),
-                "weak": list(self.weak), "steps": self.steps, "loss_ref": self.loss_ref, "comm_timer": self.comm_timer}
+                "weak": list(self.weak), "steps": self.steps, "loss_ref": self.loss_ref, "comm_timer": self.comm_timer,
+                "env": dict(self.env)}
 
 
 @dataclass(frozen=True)
@@ -160,9 +163,16 @@ GPU_WEAK = Matrix("gpu_weak", "1B model, 1->8 GPUs at 16 x 2048 tokens per GPU: 
 W_MB, W_PER_GPU = 4, 8
 GPU4_BASE = tuple(o for o in GPU_BASE if not o.startswith("model="))  # the model is per layout here
 ONE_B = ("model=1b",)
-BIG = ("model=8b", "model.vocab_size=32000", "model.n_layers=40")
+# lr 3e-4: the default 1.5e-3 spiked the 9B's loss to 21 at step 2 (seen at 4 H200s), which magnifies bf16
+# differences between layouts in the loss comparison
+BIG = ("model=8b", "model.vocab_size=32000", "model.n_layers=40", "optim.lr=3e-4")
 BIG_GB = 8
 MOE = (*ONE_B, *MOE_1B)
+# PP over NCCL hung before its first step (pp=4, 4 H200s, 2026-11-26). These make a hang fail in 60 s with
+# the stuck collective named, and dump NCCL's flight recorder (every rank's pending ops) into the run dir.
+PP_DEBUG_ENV = (("SPARSETRON_DIST_TIMEOUT_S", "60"), ("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000"),
+                ("TORCH_NCCL_DUMP_ON_TIMEOUT", "1"), ("TORCH_FR_DUMP_TEMP_FILE", "{run_dir}/nccl_trace_rank_"),
+                ("NCCL_DEBUG", "WARN"))
 MOE_GMM = (*MOE, "moe.implementation=grouped_mm")
 NO_TIMER = False  # comm timer off: its device syncs serialise DeepSpeed's / DDP's overlapped collectives
 
@@ -186,6 +196,9 @@ def _gpu4() -> Tuple[Layout, ...]:
                         weak=("ep_fused",)),
                  Layout(f"m{n}_ep{n}_gmm", n, W_MB, W_PER_GPU * n, ep=n, engine="native", extra=MOE_GMM,
                         weak=("ep_grouped_mm",), loss_ref=f"m{n}_ep{n}_fused")]
+    # PP on the 1B first: a cheap bisection of the NCCL hang (pp2 vs pp4, 1F1B), losses vs the 1-GPU run
+    lays += [Layout("p1_pp2", 2, W_MB, 4 * W_PER_GPU, pp=2, loss_ref="g1_gb32", extra=ONE_B, comm_timer=NO_TIMER),
+             Layout("p1_pp4", 4, W_MB, 4 * W_PER_GPU, pp=4, loss_ref="g1_gb32", extra=ONE_B, comm_timer=NO_TIMER)]
     # ~9B: too big for one GPU
     big = dict(extra=BIG, comm_timer=NO_TIMER)
     lays += [Layout("b_tp4", 4, 1, BIG_GB, tp=4, **{**big, "extra": (*BIG, *SP)}),
@@ -200,7 +213,7 @@ def _gpu4() -> Tuple[Layout, ...]:
              Layout("b_pp2_dp2_zero1", 4, 1, BIG_GB, pp=2, zero_stage=1, engine="native", loss_ref="b_tp4", **big),
              # the calibrated perf model's pick for this model on 4 H200s (~90 GB a GPU: not on 80 GB H100s)
              Layout("b_dp4_zero1", 4, 2, BIG_GB, zero_stage=1, engine="deepspeed", loss_ref="b_tp4", **big)]
-    return tuple(lays)
+    return tuple(dataclasses.replace(lay, env=PP_DEBUG_ENV) if lay.pp > 1 else lay for lay in lays)
 
 
 GPU4 = Matrix("gpu4", "4 GPUs: 1B weak scaling (DDP, ZeRO-1/3), ~9B at TP4 / PP4 (1F1B, interleaved, zero bubble) / "

@@ -61,7 +61,8 @@ def run_overrides(matrix: matrices.Matrix, layout: matrices.Layout, run_dir: str
 def run_env(matrix: matrices.Matrix, comm_timer: bool, layout: Optional[matrices.Layout] = None) -> dict:
     if layout is not None and layout.comm_timer is not None:
         comm_timer = layout.comm_timer
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPARSETRON_COMM_TIMER": "1" if comm_timer else "0"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPARSETRON_COMM_TIMER": "1" if comm_timer else "0",
+           **(dict(layout.env) if layout is not None else {})}
     if matrix.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # one core per rank: ranks must not fight over the cores
     return env
@@ -113,7 +114,8 @@ def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> 
     with open(os.path.join(run_dir, "launch.log"), "w") as log:
         # own process group: a timed-out run is killed with all its ranks, which would otherwise
         # live on holding GPU memory (the next layouts then ran out of memory)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(matrix, comm_timer, layout), stdout=log,
+        env = {k: v.replace("{run_dir}", run_dir) for k, v in run_env(matrix, comm_timer, layout).items()}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
