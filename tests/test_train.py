@@ -98,3 +98,28 @@ def test_export_cli_from_a_training_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
     assert main([str(run / "checkpoints" / "nope"), str(tmp_path / "x")]) == 2
+
+
+def test_model_is_built_on_the_gpu_only_when_it_fits_and_nothing_offloads(monkeypatch):
+    """A GPU run builds the full model on the GPU (fast) only if its fp32 weights take < half the free
+    memory; a model bigger than that (TP/PP shard it later) and ZeRO-3 / offload runs build on the CPU."""
+    import torch
+
+    from sparsetron.train.cli import compose
+    from sparsetron.train.trainer import init_device
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    small = compose(["model=125m"], run_dir="/nonexistent")  # ~0.5 GB of fp32 weights
+    free["bytes"] = 10 * 2**30
+    assert init_device(small, gpu) == gpu and init_device(small, cpu) == cpu
+    free["bytes"] = 2**29  # 0.5 GiB free: ~0.5 GB of weights is more than half of it
+    assert init_device(small, gpu) == cpu
+    big = compose(["model=8b"], run_dir="/nonexistent")  # 29.9 GiB of fp32 weights
+    free["bytes"] = 80 * 2**30
+    assert init_device(big, gpu) == gpu
+    free["bytes"] = 50 * 2**30  # half of it is less than the weights
+    assert init_device(big, gpu) == cpu
+    for override in ("parallel.zero_stage=3", "parallel.offload_optimizer=cpu"):
+        assert init_device(compose(["model=125m", override], run_dir="/nonexistent"), gpu) == cpu, override

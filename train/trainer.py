@@ -22,6 +22,21 @@ from .optim import lr_at
 from .pretrained import load_pretrained
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
 
+def init_device(cfg, device: torch.device) -> torch.device:
+    """Where the full model is built before the engine places or shards it. On the GPU when its fp32
+    weights take under half of the free GPU memory: a host-side init of a multi-billion model is slow
+    and puts a full copy per rank in host memory. On the CPU otherwise -- a model bigger than one GPU
+    (TP/PP shard it after) -- and always under ZeRO-3 or offload, which exist for that case."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    p = cfg.parallel
+    if p.zero_stage == 3 or p.offload_param != "none" or p.offload_optimizer != "none":
+        return torch.device("cpu")
+    fp32_bytes = 4 * parameter_counts(cfg.model, cfg.attention, cfg.moe)["total"]
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if fp32_bytes < 0.5 * free else torch.device("cpu")
+
+
 class Trainer:
     def __init__(self, cfg, runtime: Runtime):
         self.cfg, self.rt = cfg, runtime
@@ -33,9 +48,7 @@ class Trainer:
         resume_from = self._resume_path()  # before any work: a bad path fails fast
         torch.manual_seed(t.seed)
         self.data: Data = build_data(cfg, runtime, self.run_dir)
-        # On GPU the weights are initialised where they will live: a host-side init of a multi-billion
-        # model is slow, and every rank would hold a full fp32 copy in host memory first.
-        with torch.device(runtime.device if runtime.device.type == "cuda" else "cpu"):
+        with torch.device(init_device(cfg, runtime.device)):
             model = Llama(cfg.model, cfg.attention, cfg.moe)
         if t.init_from and not resume_from:  # fine-tuning: weights only; a resume brings its own
             kind = load_pretrained(model, t.init_from)
