@@ -101,9 +101,9 @@ class Pipeline:
         self.first_rank = rank_of_stage(0, pp, v, pcfg.pp_schedule)
         self.last_rank = rank_of_stage(self.n_stages - 1, pp, v, pcfg.pp_schedule)
         self.modules = [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, sp) for s in self.local_ids]
-        # NCCL: the first operation on a group must involve all of its ranks, and the schedules' first
-        # batched send/recv only involves two (with pp > 2 they hung on GPU; gloo does not care).
-        # One all-reduce creates the pp group's communicator on every rank first.
+        # NCCL: the first operation on a group must involve all of its ranks (torch's batch_isend_irecv
+        # docs), and the schedules' first batched send/recv involves two. One all-reduce creates the pp
+        # group's communicator on every rank first. (The pp=4 hang seen on H200s persisted with it.)
         dist.all_reduce(torch.zeros(1, device=device), group=groups.pp_group)
         if device.type == "cuda" and groups.rank == 0:
             warnings.warn("pipeline parallel over NCCL hung at pp=4 in sparsetron's GPU runs (README, 'Known issue'); "

@@ -106,7 +106,11 @@ def test_model_is_built_on_the_gpu_only_when_it_fits_and_nothing_offloads(monkey
     import torch
 
     from sparsetron.train.cli import compose
-    from sparsetron.train.trainer import init_device
+    from sparsetron.train.metrics import parameter_counts
+    from sparsetron.train.trainer import init_device as place
+
+    def init_device(cfg, device):
+        return place(cfg, device, parameter_counts(cfg.model, cfg.attention, cfg.moe)["total"])
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     free = {"bytes": 0}

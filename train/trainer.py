@@ -22,7 +22,7 @@ from .optim import lr_at
 from .pretrained import load_pretrained
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
 
-def init_device(cfg, device: torch.device) -> torch.device:
+def init_device(cfg, device: torch.device, n_params: int) -> torch.device:
     """Where the full model is built before the engine places or shards it. On the GPU when its fp32
     weights take under half of the free GPU memory: a host-side init of a multi-billion model is slow
     and puts a full copy per rank in host memory. On the CPU otherwise -- a model bigger than one GPU
@@ -32,9 +32,8 @@ def init_device(cfg, device: torch.device) -> torch.device:
     p = cfg.parallel
     if p.zero_stage == 3 or p.offload_param != "none" or p.offload_optimizer != "none":
         return torch.device("cpu")
-    fp32_bytes = 4 * parameter_counts(cfg.model, cfg.attention, cfg.moe)["total"]
     free, _ = torch.cuda.mem_get_info(device)
-    return device if fp32_bytes < 0.5 * free else torch.device("cpu")
+    return device if 4 * n_params < 0.5 * free else torch.device("cpu")
 
 
 class Trainer:
@@ -48,7 +47,8 @@ class Trainer:
         resume_from = self._resume_path()  # before any work: a bad path fails fast
         torch.manual_seed(t.seed)
         self.data: Data = build_data(cfg, runtime, self.run_dir)
-        with torch.device(init_device(cfg, runtime.device)):
+        counts = parameter_counts(cfg.model, cfg.attention, cfg.moe)
+        with torch.device(init_device(cfg, runtime.device, counts["total"])):
             model = Llama(cfg.model, cfg.attention, cfg.moe)
         if t.init_from and not resume_from:  # fine-tuning: weights only; a resume brings its own
             kind = load_pretrained(model, t.init_from)
@@ -78,7 +78,6 @@ class Trainer:
             self.sparse.init_masks(calibration)
         if t.compile:
             self.engine.compile_blocks()
-        counts = parameter_counts(cfg.model, cfg.attention, cfg.moe)
         n_params = counts["total"]
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len, counts["active"], counts["embedding"])
         self.peak = peak_flops(runtime.device)

@@ -199,20 +199,22 @@ def _gpu4() -> Tuple[Layout, ...]:
     # PP on the 1B first: a cheap bisection of the NCCL hang (pp2 vs pp4, 1F1B), losses vs the 1-GPU run
     lays += [Layout("p1_pp2", 2, W_MB, 4 * W_PER_GPU, pp=2, loss_ref="g1_gb32", extra=ONE_B, comm_timer=NO_TIMER),
              Layout("p1_pp4", 4, W_MB, 4 * W_PER_GPU, pp=4, loss_ref="g1_gb32", extra=ONE_B, comm_timer=NO_TIMER)]
-    # ~9B: too big for one GPU
-    big = dict(extra=BIG, comm_timer=NO_TIMER)
-    lays += [Layout("b_tp4", 4, 1, BIG_GB, tp=4, **{**big, "extra": (*BIG, *SP)}),
-             Layout("b_pp4_1f1b", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4", **big),
-             Layout("b_pp4_interleaved", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4",
-                    **{**big, "extra": (*BIG, "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")}),
-             Layout("b_pp4_zero_bubble", 4, 1, BIG_GB, pp=4, loss_ref="b_tp4",
-                    **{**big, "extra": (*BIG, "parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2")}),
-             Layout("b_tp2_pp2", 4, 1, BIG_GB, tp=2, pp=2, loss_ref="b_tp4", **{**big, "extra": (*BIG, *SP)}),
-             Layout("b_tp2_dp2_zero1", 4, 1, BIG_GB, tp=2, zero_stage=1, engine="native", loss_ref="b_tp4",
-                    **{**big, "extra": (*BIG, *SP)}),
-             Layout("b_pp2_dp2_zero1", 4, 1, BIG_GB, pp=2, zero_stage=1, engine="native", loss_ref="b_tp4", **big),
+    # ~9B: too big for one GPU; each layout's first steps against the TP4 run's
+    def big(name, micro_batch=1, more=(), loss_ref="b_tp4", **parallel):
+        return Layout(name, 4, micro_batch, BIG_GB, extra=(*BIG, *more), loss_ref=loss_ref, comm_timer=NO_TIMER,
+                      **parallel)
+
+    interleaved = ("parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")
+    zero_bubble = ("parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2")
+    lays += [big("b_tp4", tp=4, more=SP, loss_ref=""),
+             big("b_pp4_1f1b", pp=4),
+             big("b_pp4_interleaved", pp=4, more=interleaved),
+             big("b_pp4_zero_bubble", pp=4, more=zero_bubble),
+             big("b_tp2_pp2", tp=2, pp=2, more=SP),
+             big("b_tp2_dp2_zero1", tp=2, zero_stage=1, engine="native", more=SP),
+             big("b_pp2_dp2_zero1", pp=2, zero_stage=1, engine="native"),
              # the calibrated perf model's pick for this model on 4 H200s (~90 GB a GPU: not on 80 GB H100s)
-             Layout("b_dp4_zero1", 4, 2, BIG_GB, zero_stage=1, engine="deepspeed", loss_ref="b_tp4", **big)]
+             big("b_dp4_zero1", micro_batch=2, zero_stage=1, engine="deepspeed")]
     return tuple(dataclasses.replace(lay, env=PP_DEBUG_ENV) if lay.pp > 1 else lay for lay in lays)
 
 
