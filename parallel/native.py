@@ -98,7 +98,7 @@ class NativeEngine(ShardedStateMixin):
         t, model = self.cfg.train, self.model
         dtype = next(model.parameters()).dtype
         self.pipe = Pipeline(model, self.g, self.cfg.parallel, t.micro_batch_size, t.seq_len, n_micro,
-                             self._loss_fn, self.rt.device, dtype)
+                             self._loss_fn, self.rt.device, dtype, self.autocast)
         if model.cfg.tie_embeddings and self.pipe.has_last:
             # the head gets its own copy, its gradient summed with the embedding's after backward (over
             # embed_group, or locally when ZB-V puts both ends on one rank: torch's split dW backward

@@ -11,7 +11,7 @@ Tied embeddings across stages: the last stage holds its own copy of the embeddin
 (same initial values); `engine` sums the two gradients over `groups.embed_group` so they stay equal
 (Megatron's embedding group)."""
 
-import warnings
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -88,7 +88,7 @@ class Pipeline:
     """This rank's stage modules, their PipelineStage wrappers and the schedule of a training step."""
 
     def __init__(self, model: nn.Module, groups, pcfg, micro_batch: int, seq_len: int, n_micro: int,
-                 loss_fn, device: torch.device, dtype: torch.dtype):
+                 loss_fn, device: torch.device, dtype: torch.dtype, autocast=contextlib.nullcontext):
         from torch.distributed.pipelining import PipelineStage
 
         pp, v = groups.pp, pcfg.pp_virtual_stages if pcfg.pp_schedule != "zbv" else 2
@@ -103,11 +103,8 @@ class Pipeline:
         self.modules = [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, sp) for s in self.local_ids]
         # NCCL: the first operation on a group must involve all of its ranks (torch's batch_isend_irecv
         # docs), and the schedules' first batched send/recv involves two. One all-reduce creates the pp
-        # group's communicator on every rank first. (The pp=4 hang seen on H200s persisted with it.)
+        # group's communicator on every rank first.
         dist.all_reduce(torch.zeros(1, device=device), group=groups.pp_group)
-        if device.type == "cuda" and groups.rank == 0:
-            warnings.warn("pipeline parallel over NCCL hung at pp=4 in sparsetron's GPU runs (README, 'Known issue'); "
-                          "it is verified on gloo only", stacklevel=2)
         hidden = torch.empty(micro_batch, seq_len // sp, model.cfg.dim, dtype=dtype, device=device)
         tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
         self.hidden_shape, self.hidden_dtype = tuple(hidden.shape), dtype
@@ -116,7 +113,11 @@ class Pipeline:
             kwargs = {"input_args": tokens if s == 0 else hidden}
             if s != self.n_stages - 1:
                 kwargs["output_args"] = hidden
-            self.stages.append(PipelineStage(module, s, self.n_stages, device, group=groups.pp_group, **kwargs))
+            # The last stage infers its output (logits) by running once: under the training step's autocast, or
+            # its meta says fp32, bf16 logits fail torch's output check on that rank alone, and over NCCL the
+            # other stages then wait forever (the "pp hang" of the first 4-GPU runs).
+            with autocast():
+                self.stages.append(PipelineStage(module, s, self.n_stages, device, group=groups.pp_group, **kwargs))
         import torch.distributed.pipelining as pipelining
 
         cls = getattr(pipelining, SCHEDULE_CLASSES[pcfg.pp_schedule])

@@ -69,6 +69,14 @@ def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: Optiona
     return Runtime(rank, world, local_rank, dev, backend)
 
 
-def shutdown(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
+def shutdown(runtime: Runtime, failed: bool = False) -> None:
+    """Tear down the default group. After an error (``failed``) an NCCL group is aborted instead:
+    destroy_process_group waits for this rank's pending collectives, which a peer that is itself
+    waiting on this rank never completes."""
+    if not (runtime.distributed and dist.is_initialized()):
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # private; in torch 2.11 and 2.13
+    if failed and runtime.backend == "nccl" and abort is not None:
+        abort()
+    else:
         dist.destroy_process_group()

@@ -19,6 +19,7 @@ from sparsetron.train.resilience import (
     PreemptionHandler,
     Watchdog,
     dist_timeout,
+    STACK_DUMP_SIGNAL,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +180,37 @@ def test_watchdog_exits_on_hung_collective():
     assert "time.sleep" in proc.stderr or "<string>" in proc.stderr  # thread stacks dumped
     # 2 s of beats + 1.6 s suspended + timeout 1 s + interpreter start; margin for 2 slow cores.
     assert elapsed < 12
+
+
+STUCK_HOLDING_GIL = textwrap.dedent(
+    """
+    import re, sys
+    from sparsetron.train.resilience import enable_stack_dumps
+    enable_stack_dumps(sys.argv[1])
+    def stuck_in_c_code():                           # catastrophic backtracking: C code, GIL held
+        re.fullmatch(r"(a+)+$", "a" * 64 + "b")
+    print("ready", flush=True)
+    stuck_in_c_code()
+    """
+)
+
+
+def test_stack_dump_answers_while_gil_is_held(tmp_path):
+    """A rank stuck in GIL-holding C code (the pipeline hang's last stage) still reports where it is."""
+    path = tmp_path / "stacks" / "rank0.txt"
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_HOLDING_GIL, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(STACK_DUMP_SIGNAL)
+        deadline = time.monotonic() + 10
+        while "stuck_in_c_code" not in (path.read_text() if path.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None  # the signal reports, it does not stop the rank
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "stuck_in_c_code" in path.read_text()
 
 
 # --- bash helpers ----------------------------------------------------------------------------

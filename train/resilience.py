@@ -42,6 +42,21 @@ WATCHDOG_EXIT_CODE = 86
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+# Asks a rank for its Python stacks (see enable_stack_dumps); not in DEFAULT_SIGNALS: it does not stop anything.
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+_stack_files: list = []  # kept open for the handler's lifetime
+
+
+def enable_stack_dumps(path: str) -> None:
+    """On STACK_DUMP_SIGNAL, append every thread's Python stack to ``path``. faulthandler's handler
+    is C code, so it also answers for a rank stuck in a GIL-holding CUDA/NCCL call, where the
+    Watchdog thread cannot run (a hung pipeline rank on 4 GPUs never logged a heartbeat).
+    benchmarks/scaling/run.py sends the signal to every worker before killing a timed-out launch."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stream = open(path, "a")
+    _stack_files.append(stream)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=stream, all_threads=True, chain=False)
+
 
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)

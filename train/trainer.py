@@ -1,7 +1,9 @@
 """The training loop: one process or many (torchrun), CPU or GPU, resumable to the step."""
 
 import os
+import sys
 import time
+import traceback
 from typing import Dict, List, Optional
 
 import torch
@@ -20,7 +22,7 @@ from .metrics import (MetricsSink, flops_per_token, parameter_counts, peak_flops
 from .model import Llama
 from .optim import lr_at
 from .pretrained import load_pretrained
-from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog
+from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog, enable_stack_dumps
 
 def init_device(cfg, device: torch.device, n_params: int) -> torch.device:
     """Where the full model is built before the engine places or shards it. On the GPU when its fp32
@@ -41,6 +43,7 @@ class Trainer:
         self.cfg, self.rt = cfg, runtime
         self.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
         self.ckpt_root = os.path.join(self.run_dir, cfg.checkpoint.dir)
+        enable_stack_dumps(os.path.join(self.run_dir, "stacks", f"rank{runtime.rank}.txt"))  # before any collective
         t = cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -240,9 +243,18 @@ def train(cfg) -> Dict[str, float]:
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     runtime = init_runtime(cfg.train.device, cfg.parallel.backend)
     try:
-        return Trainer(cfg, runtime).fit()
-    finally:
-        shutdown(runtime)
+        summary = Trainer(cfg, runtime).fit()
+    except BaseException:
+        if runtime.distributed:
+            # Printed now, not after the shutdown below: Python shows the error only once the shutdown
+            # returns, and with peers blocked on this rank it might not (a pipeline stage's error hid
+            # behind such a hang on 4 GPUs).
+            traceback.print_exc()
+            sys.stderr.flush()
+        shutdown(runtime, failed=True)
+        raise
+    shutdown(runtime)
+    return summary
 
 
 def user_errors() -> tuple:

@@ -42,6 +42,7 @@ import matrices  # noqa: E402
 import plots  # noqa: E402
 import scaling_math  # noqa: E402
 
+STACK_DUMP_SIGNAL = signal.SIGUSR2  # = sparsetron.train.resilience.STACK_DUMP_SIGNAL (workers dump stacks on it)
 FP32_BYTES_SCALE = 0.5  # the perf model counts bf16 (2-byte) elements; CPU runs move fp32 (4 bytes)
 
 
@@ -92,6 +93,14 @@ def kill_tree(proc: subprocess.Popen) -> None:
         victims = psutil.Process(proc.pid).children(recursive=True)
     except Exception:  # psutil missing or the launcher already gone: the group kill below still runs
         victims = []
+    # every worker writes its Python stacks to <run dir>/stacks/ first (train/resilience.enable_stack_dumps)
+    for child in victims:
+        try:
+            child.send_signal(STACK_DUMP_SIGNAL)
+        except Exception:
+            pass
+    if victims:
+        time.sleep(3)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
