@@ -22,6 +22,7 @@ from .metrics import (MetricsSink, flops_per_token, parameter_counts, peak_flops
 from .model import Llama
 from .optim import lr_at
 from .pretrained import load_pretrained
+from .profiling import StepProfiler
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog, enable_stack_dumps
 
 def init_device(cfg, device: torch.device, n_params: int) -> torch.device:
@@ -180,7 +181,9 @@ class Trainer:
         try:
             if self.step == 0 and t.eval_every:
                 summary["first_val_loss"] = self._log_val()
+            profiler = StepProfiler.from_env(self.run_dir, self.rt.rank)
             while self.step < t.max_steps:
+                profiler.at_step(self.step)
                 start = time.perf_counter()
                 self.comm_timer.reset()
                 batches = prefetch.get(self.step)
@@ -221,6 +224,7 @@ class Trainer:
             if c.save_final or summary["preempted"]:
                 with self.watchdog.suspended():
                     self.save()
+            profiler.at_step(self.step, last=True)
         finally:
             self.watchdog.stop()
             if not summary["preempted"]:
