@@ -207,6 +207,8 @@ def _gpu4() -> Tuple[Layout, ...]:
     interleaved = ("parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2")
     zero_bubble = ("parallel.pp_schedule=zero_bubble", "parallel.pp_virtual_stages=2")
     lays += [big("b_tp4", tp=4, more=SP, loss_ref=""),
+             # mb=1 TP4 was CPU-bound (kernel launches of 8 micro-batches x 40 layers): 4x fewer, 4x larger
+             big("b_tp4_mb4", micro_batch=4, tp=4, more=SP),
              big("b_pp4_1f1b", pp=4),
              big("b_pp4_interleaved", pp=4, more=interleaved),
              big("b_pp4_zero_bubble", pp=4, more=zero_bubble),
