@@ -387,8 +387,11 @@ def finetune_steps_that_fit(args, remaining_s, overhead_s, speed) -> tuple:
     if fit >= args.finetune_steps:
         return args.finetune_steps, None
     steps = max(args.min_finetune_steps, fit)
-    return steps, (f"lowered from {args.finetune_steps}: {remaining_s:.0f} s left, est. {overhead_s:.0f} s start-up "
-                   f"per run and {sum(per_step):.2f} s per step of the four runs")
+    estimate = (f"{remaining_s:.0f} s left, est. {overhead_s:.0f} s start-up per run and {sum(per_step):.2f} s per "
+                f"step of the four runs")
+    if steps >= args.finetune_steps:  # the minimum is the request: kept, though the estimate says it may not fit
+        return args.finetune_steps, f"kept at the minimum {steps} although it may not fit: {estimate}"
+    return steps, f"lowered from {args.finetune_steps}: {estimate}"
 
 
 def recipe(args, root, budget_end, speed) -> dict:
@@ -503,7 +506,8 @@ def main(argv=None):
                         "micro_batch_size": cfg.train.micro_batch_size, "precision": "bf16 autocast"
                         if device.type == "cuda" else "fp32", "corpus": f"{cfg.data.source}, max_corpus_bytes="
                         f"{cfg.data.max_corpus_bytes}", "pretrain_steps": args.pretrain_steps,
-                        "finetune_steps_requested": args.finetune_steps},
+                        "finetune_steps_requested": args.finetune_steps,
+                        "min_finetune_steps": args.min_finetune_steps},
               "sparsity": {"pattern": f"{cfg.sparsity.n}:{cfg.sparsity.m}", "method": cfg.sparsity.method,
                            "mode": cfg.sparsity.mode, "layers": list(cfg.sparsity.layers),
                            "finetune_lr": cfg.optim.lr},

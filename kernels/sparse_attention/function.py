@@ -73,35 +73,59 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# Benchmarks may pin launch configs here: {"fwd"|"dq": (BLOCK_N, warps, stages), "bwd": (BLOCK_M, warps, stages)}.
+# Benchmarks (and tests) may pin launch configs here:
+#   {"fwd"|"dq": (BLOCK_N, warps, stages[, heads]), "bwd": (BLOCK_M, warps, stages[, heads])}
+# BLOCK_N / BLOCK_M is the key / query sub-tile (clipped to the block size); heads is
+# HEADS_PER_PROGRAM, the number of query heads of one GQA group a program packs into one tile
+# (default 1; it must divide the group size).
 CONFIG_OVERRIDE: dict = {}
+ALLOWED_HEADS_PER_PROGRAM = (1, 2, 4)
 
 
-def _fwd_config(d: int, block: int):
-    """(KV sub-tile, warps, stages) of the forward."""
+def _resolve_config(key: str, default: tuple, block: int, group: int):
+    """(sub-tile, warps, stages, heads per program) from CONFIG_OVERRIDE[key] or the default, checked."""
+    cfg = tuple(CONFIG_OVERRIDE.get(key, default))
+    if len(cfg) not in (3, 4):
+        raise ValueError(f"CONFIG_OVERRIDE[{key!r}] must be (sub_tile, warps, stages[, HEADS_PER_PROGRAM]), got {cfg}")
+    sub, warps, stages = cfg[:3]
+    heads = cfg[3] if len(cfg) == 4 else 1
+    if sub not in ALLOWED_BLOCKS:
+        raise ValueError(f"sub-tile of CONFIG_OVERRIDE[{key!r}] must be one of {ALLOWED_BLOCKS}, got {sub}")
+    if heads not in ALLOWED_HEADS_PER_PROGRAM or group % heads:
+        raise ValueError(
+            f"HEADS_PER_PROGRAM (CONFIG_OVERRIDE[{key!r}][3]) must be one of {ALLOWED_HEADS_PER_PROGRAM} "
+            f"and divide the GQA group size (query heads / kv heads = {group}), got {heads}"
+        )
+    return min(sub, block), warps, stages, heads
+
+
+def _fwd_config(d: int, block: int, group: int = 1):
+    """(KV sub-tile, warps, stages, heads per program) of the forward."""
     if interpreting():
-        return block, 4, 1
-    if "fwd" in CONFIG_OVERRIDE:
-        return CONFIG_OVERRIDE["fwd"]
-    return min(block, 64), 4 if block <= 64 else 8, 3  # best of a 2-config sweep on H200 (d=128)
+        default = (block, 4, 1)
+    else:
+        default = (min(block, 64), 4 if block <= 64 else 8, 3)  # best of a 2-config sweep on H200 (d=128)
+    return _resolve_config("fwd", default, block, group)
 
 
-def _dq_config(d: int, block: int):
-    """(KV sub-tile, warps, stages) of the dQ kernel (fp32 dQ accumulator plus q and dO tiles)."""
+def _dq_config(d: int, block: int, group: int = 1):
+    """(KV sub-tile, warps, stages, heads per program) of the dQ kernel (fp32 dQ accumulator plus
+    q and dO tiles)."""
     if interpreting():
-        return block, 4, 1
-    if "dq" in CONFIG_OVERRIDE:
-        return CONFIG_OVERRIDE["dq"]
-    return min(block, 64), 4, 3  # best of a 3-config sweep on H200 (d=128)
+        default = (block, 4, 1)
+    else:
+        default = (min(block, 64), 4, 3)  # best of a 3-config sweep on H200 (d=128)
+    return _resolve_config("dq", default, block, group)
 
 
-def _bwd_config(d: int, block: int):
-    """(query sub-tile, warps, stages) of the dK/dV kernel (two fp32 accumulators of block x d)."""
+def _bwd_config(d: int, block: int, group: int = 1):
+    """(query sub-tile, warps, stages, heads per program) of the dK/dV kernel (two fp32
+    accumulators of block x d)."""
     if interpreting():
-        return block, 4, 1
-    if "bwd" in CONFIG_OVERRIDE:
-        return CONFIG_OVERRIDE["bwd"]
-    return min(block, 64), 4 if d <= 64 else 8, 3  # best of a 3-config sweep on H200 (d=128)
+        default = (block, 4, 1)
+    else:
+        default = (min(block, 64), 4 if d <= 64 else 8, 3)  # best of a 3-config sweep on H200 (d=128)
+    return _resolve_config("bwd", default, block, group)
 
 
 def _meta(q, k, cu_q, cu_k, block, block_idx):
@@ -124,9 +148,9 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
     z, nqb, _ = _meta(q, k, cu_q, cu_k, block, idx)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((zq, hq, sq), dtype=torch.float32, device=q.device)
-    sub_n, warps, stages = _fwd_config(d, block)
+    sub_n, warps, stages, heads = _fwd_config(d, block, hq // hkv)
     dummy = cnt  # any int32 tensor stands in for absent cu_seqlens
-    grid = (nqb, z * hq)
+    grid = (nqb, z * hq // heads)
     _fwd_kernel[grid](
         q, k, v, o, lse, idx, cnt,
         cu_q if cu_q is not None else dummy, cu_k if cu_k is not None else dummy,
@@ -137,7 +161,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
         sq, sk, sm_scale * LOG2E, window or 0,
         HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        num_warps=warps, num_stages=stages,
+        HEADS_PER_PROGRAM=heads, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -147,8 +171,8 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
     zq, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     z, nqb, nkb = _meta(q, k, cu_q, cu_k, block, idx)
-    sub_n, warps_q, stages_q = _dq_config(d, block)
-    sub_m, warps, stages = _bwd_config(d, block)
+    sub_n, warps_q, stages_q, heads_q = _dq_config(d, block, hq // hkv)
+    sub_m, warps, stages, heads = _bwd_config(d, block, hq // hkv)
     do = _last_contig(do)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -164,7 +188,7 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
     else:
         delta = torch.empty_like(lse)  # written by the dQ kernel
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        _bwd_dq_kernel[(nqb, z * hq)](
+        _bwd_dq_kernel[(nqb, z * hq // heads_q)](
             q, k, v, o, do, lse, delta, dq, idx, cnt, cu_q_arg, cu_k_arg,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
@@ -174,7 +198,7 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
             sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
             HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
             K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-            num_warps=warps_q, num_stages=stages_q,
+            HEADS_PER_PROGRAM=heads_q, num_warps=warps_q, num_stages=stages_q,
         )
     _bwd_dkdv_kernel[(nkb, z * hkv)](
         q, k, v, do, lse, delta, dk, dv, dq, rev_off, rev_idx, cu_q_arg, cu_k_arg,
@@ -186,7 +210,7 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
         sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        ATOMIC_DQ=atomic_dq, num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, num_warps=warps, num_stages=stages,
     )
     if atomic_dq:
         dq = dq.to(q.dtype)
@@ -235,6 +259,8 @@ def sparse_attention_core(
     if deterministic and atomic_dq:
         raise ValueError("atomic_dq=True is not deterministic; pass deterministic=False with it")
     _check(q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window)
+    for config in (_fwd_config, _dq_config, _bwd_config):  # a bad CONFIG_OVERRIDE fails before any work
+        config(q.shape[-1], block_size, q.shape[1] // k.shape[1])
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
     if block_count is None:

@@ -6,7 +6,12 @@ query block that selected this KV block (a reverse index built from the block li
 function.py), so dK/dV are accumulated once and written once: no atomics, and small GQA groups
 still fill the tensor cores along the query dimension.
 
-dQ: by default a separate program per (query block, query head) re-walks the forward's block
+Head packing (HEADS_PER_PROGRAM, 1 = one head at a time): the dK/dV program stacks that many
+query heads' (q, dO) sub-tiles into the N dimension of s_t = K Q^T (column r is head r // BLOCK_M,
+position r % BLOCK_M of the sub-tile), so its MMAs are wider and the group loop shorter; the dQ
+program stacks their rows like the forward (each K/V tile loaded once for all of them).
+
+dQ: by default a separate program per (query block, group of query heads) re-walks the forward's block
 list (fixed order, bitwise reproducible; it also computes delta = rowsum(dO*O) and runs first).
 The alternative adds dQ from the dK/dV program with fp32 atomics (no recomputation of QK^T and
 dO V^T, but order-dependent bits); on H200 it measured 2-3x slower (atomic contention on the
@@ -16,7 +21,7 @@ dQ tiles of popular blocks), so it is opt-in (`atomic_dq=True`).
 import triton
 import triton.language as tl
 
-from .kernel_fwd import _dot, _seq_bounds
+from .kernel_fwd import _dot, _seq_bounds, _stacked_rows
 
 LOG2E = 1.4426950408889634
 
@@ -29,7 +34,7 @@ def _bwd_dkdv_kernel(
     seqlen_q, seqlen_k, qk_scale, sm_scale, window,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid = tl.program_id(1)
@@ -57,16 +62,21 @@ def _bwd_dkdv_kernel(
     rev_row = REV_OFF + (z * HKV + hkv) * srev + pid_n
     r0 = tl.load(rev_row)
     r1 = tl.load(rev_row + 1)
-    for g in range(G):
-        h = hkv * G + g
-        q_base = Q + bz * sqz + h * sqh + q_start * sqs
-        do_base = DO + bz * sdoz + h * sdoh + q_start * sdos
-        l_base = LSE + bz * slz + h * slh + q_start
-        d_base = DELTA + bz * slz + h * slh + q_start
+    # column r of the stacked (q, dO) tile: head r // BLOCK_M of the current head group,
+    # position r % BLOCK_M within the query sub-tile
+    r = tl.arange(0, HEADS_PER_PROGRAM * BLOCK_M)
+    r_head = r // BLOCK_M
+    r_pos = r % BLOCK_M
+    for g in range(G // HEADS_PER_PROGRAM):
+        head = hkv * G + g * HEADS_PER_PROGRAM + r_head
+        q_base = Q + bz * sqz + head[:, None] * sqh + q_start * sqs
+        do_base = DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos
+        l_base = LSE + bz * slz + head * slh + q_start
+        d_base = DELTA + bz * slz + head * slh + q_start
         for j in range(r0, r1):
             qb = tl.load(REV_IDX + j)
             for c in tl.static_range(0, BLOCK, BLOCK_M):
-                offs_m = qb * BLOCK + c + tl.arange(0, BLOCK_M)
+                offs_m = qb * BLOCK + c + r_pos
                 m_valid = offs_m < q_len
                 q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
                 do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
@@ -85,7 +95,7 @@ def _bwd_dkdv_kernel(
                 dk += _dot(ds_t.to(q.dtype), q)
                 if ATOMIC_DQ:
                     dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
-                    dq_ptrs = DQ + bz * sdqz + h * sdqh + (q_start + offs_m)[:, None] * sdqs + offs_d[None, :]
+                    dq_ptrs = DQ + bz * sdqz + head[:, None] * sdqh + (q_start + offs_m)[:, None] * sdqs + offs_d[None, :]
                     tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None])
 
     dk = dk * sm_scale
@@ -103,12 +113,13 @@ def _bwd_dq_kernel(
     seqlen_q, seqlen_k, qk_scale, sm_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
-    z = pid // HQ
-    h = pid % HQ
-    hkv = h // G
+    z = pid // (HQ // HEADS_PER_PROGRAM)
+    h0 = (pid % (HQ // HEADS_PER_PROGRAM)) * HEADS_PER_PROGRAM
+    hkv = h0 // G
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
     if pid_m * BLOCK >= q_len:
         return
@@ -117,21 +128,23 @@ def _bwd_dq_kernel(
     else:
         bz = z.to(tl.int64)
 
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    # stacked rows of HEADS_PER_PROGRAM heads, as in the forward
+    head, offs_m = _stacked_rows(pid_m, h0, BLOCK, HEADS_PER_PROGRAM)
     offs_d = tl.arange(0, D)
     m_valid = offs_m < q_len
     rows = (q_start + offs_m)[:, None]
-    q = tl.load(Q + bz * sqz + h * sqh + rows * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + bz * sdoz + h * sdoh + rows * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-    lse = tl.load(LSE + bz * slz + h * slh + q_start + offs_m, mask=m_valid, other=float("inf"))
+    row_head = head[:, None]
+    q = tl.load(Q + bz * sqz + row_head * sqh + rows * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    do = tl.load(DO + bz * sdoz + row_head * sdoh + rows * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    lse = tl.load(LSE + bz * slz + head * slh + q_start + offs_m, mask=m_valid, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     # delta = rowsum(dO * O), written for the dK/dV kernel that runs next
-    o = tl.load(O + bz * soz + h * soh + rows * sos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    o = tl.load(O + bz * soz + row_head * soh + rows * sos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bz * slz + h * slh + q_start + offs_m, delta, mask=m_valid)
+    tl.store(DELTA + bz * slz + head * slh + q_start + offs_m, delta, mask=m_valid)
     k_base = K + bz * skz + hkv * skh + k_start * sks
     v_base = V + bz * svz + hkv * svh + k_start * svs
-    dq = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dq = tl.zeros([HEADS_PER_PROGRAM * BLOCK, D], dtype=tl.float32)
 
     idx_base = IDX + z * siz + hkv * sih + pid_m * sim
     cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
@@ -153,5 +166,5 @@ def _bwd_dq_kernel(
             dq += _dot(ds.to(k.dtype), k)
 
     dq = dq * sm_scale
-    tl.store(DQ + bz * sdqz + h * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + bz * sdqz + row_head * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=m_valid[:, None])

@@ -1,8 +1,14 @@
 """Triton forward for block-sparse attention (online softmax over the listed KV blocks).
 
-One program per (query block, sequence * query head). It loads its query tile once, walks the
-KV blocks its KV head's list names for this query block and keeps the running max / sum in
-base 2. Writes the output and the natural-log LSE (-inf for rows that saw no key).
+One program per (query block, sequence * group of HEADS_PER_PROGRAM query heads of one GQA group).
+It loads its query tile once, walks the KV blocks its KV head's list names for this query block
+and keeps the running max / sum in base 2. Writes the output and the natural-log LSE (-inf for
+rows that saw no key).
+Head packing: the block lists are shared by the query heads of a GQA group, so a program may
+stack HEADS_PER_PROGRAM heads' query rows into one (HEADS_PER_PROGRAM*BLOCK, D) tile (row r is
+head r // BLOCK, position r % BLOCK in the block). Each K/V tile is then loaded once for all of
+them and the MMA has more rows (Hopper tensor cores want >= 128). The stacked tile is a plain
+2-D load with per-row pointers (no reshape/join, which differ across triton versions).
 Masking (causal by key position, optional window, sequence end) is applied on every tile: it
 costs a few vector ops and keeps the kernel correct for any list.
 """
@@ -46,6 +52,13 @@ def _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _stacked_rows(pid_m, h0, BLOCK: tl.constexpr, HEADS: tl.constexpr):
+    """(head, position) of each row of a tile stacking HEADS copies of query block pid_m."""
+    r = tl.arange(0, HEADS * BLOCK)
+    return h0 + r // BLOCK, pid_m * BLOCK + r % BLOCK
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX, CNT, CU_Q, CU_K,
     sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, soz, soh, sos, slz, slh,
@@ -53,12 +66,13 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, qk_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
-    z = pid // HQ
-    h = pid % HQ
-    hkv = h // G
+    z = pid // (HQ // HEADS_PER_PROGRAM)
+    h0 = (pid % (HQ // HEADS_PER_PROGRAM)) * HEADS_PER_PROGRAM
+    hkv = h0 // G  # HEADS_PER_PROGRAM divides G: all heads of the program share this KV head
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
     if pid_m * BLOCK >= q_len:
         return
@@ -68,17 +82,18 @@ def _fwd_kernel(
     else:
         bz = z.to(tl.int64)
 
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    # masks depend on the row's position only, so every head's copy of the block shares them
+    head, offs_m = _stacked_rows(pid_m, h0, BLOCK, HEADS_PER_PROGRAM)
     offs_d = tl.arange(0, D)
     m_valid = offs_m < q_len
-    q_ptrs = Q + bz * sqz + h * sqh + (q_start + offs_m)[:, None] * sqs + offs_d[None, :]
+    q_ptrs = Q + bz * sqz + head[:, None] * sqh + (q_start + offs_m)[:, None] * sqs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_valid[:, None], other=0.0)
     k_base = K + bz * skz + hkv * skh + k_start * sks
     v_base = V + bz * svz + hkv * svh + k_start * svs
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, D], dtype=tl.float32)
+    m_i = tl.full([HEADS_PER_PROGRAM * BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([HEADS_PER_PROGRAM * BLOCK], dtype=tl.float32)
+    acc = tl.zeros([HEADS_PER_PROGRAM * BLOCK, D], dtype=tl.float32)
     idx_base = IDX + z * siz + hkv * sih + pid_m * sim
     cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
     for i in range(cnt):
@@ -105,6 +120,6 @@ def _fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + bz * soz + h * soh + (q_start + offs_m)[:, None] * sos + offs_d[None, :]
+    o_ptrs = O + bz * soz + head[:, None] * soh + (q_start + offs_m)[:, None] * sos + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None])
-    tl.store(LSE + bz * slz + h * slh + q_start + offs_m, lse, mask=m_valid)
+    tl.store(LSE + bz * slz + head * slh + q_start + offs_m, lse, mask=m_valid)

@@ -1,10 +1,12 @@
 """Block-sparse core (Triton; interpreter on CPU) against the dense-mask reference in fp64:
 output, LSE, dQ, dK, dV; fp32 and bf16; ragged lengths, GQA 1/4/8, head dim 64/128, packed
-sequences, windows, empty rows, both backward modes."""
+sequences, windows, empty rows, both backward modes; head packing (HEADS_PER_PROGRAM 2 and 4) on a
+few representative shapes."""
 
 import pytest
 import torch
 
+from sparsetron.kernels.sparse_attention import function as fn
 from sparsetron.kernels.sparse_attention.function import (
     block_sparse_attention,
     reverse_block_index,
@@ -182,3 +184,62 @@ def test_public_entry_defaults_and_errors():
         block_sparse_attention(q[:, :1], torch.cat([k, k], 1), torch.cat([v, v], 1), idx.expand(1, 2, 3, 1), block_size=16)
     with pytest.raises(ValueError, match="query blocks"):
         block_sparse_attention(q, k, v, idx[:, :, :2], block_size=16)
+
+
+def pack_heads(monkeypatch, block, heads, sub_tile=None):
+    """Pin HEADS_PER_PROGRAM for all three kernels; sub_tile < block also splits the key loop of
+    fwd/dQ and the query loop of dK/dV, so stacking is tested together with sub-tiling."""
+    sub = block if sub_tile is None else sub_tile
+    for key in ("fwd", "dq", "bwd"):
+        monkeypatch.setitem(fn.CONFIG_OVERRIDE, key, (sub, 4, 1, heads))
+
+
+PACKED_CASES = [
+    # (batch, q heads, kv heads, seq, head dim, block, max selected), heads per program, sub-tile, lists with diagonal
+    pytest.param((2, 8, 2, 75, 32, 16, 3), 2, None, True, id="gqa4_ragged_2seq_heads2"),
+    # the whole group in one program, with key/query sub-tiles and empty rows (-inf LSE)
+    pytest.param((1, 8, 2, 91, 32, 32, 3), 4, 16, False, id="gqa4_heads4_subtile16_empty_rows"),
+    # two packed programs per KV head, head dim 128
+    pytest.param((1, 8, 1, 70, 128, 32, 2), 4, None, True, id="gqa8_d128_heads4"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case,heads,sub_tile,diagonal", PACKED_CASES)
+def test_packed_heads_match_reference(case, heads, sub_tile, diagonal, dtype, monkeypatch):
+    b, hq, hkv, s, d, block, maxsel = case
+    gen = torch.Generator().manual_seed(hash((case, heads)) % 1000)
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = random_lists(b, hkv, -(-s // block), maxsel, gen, with_diagonal=diagonal)
+    pack_heads(monkeypatch, block, heads, sub_tile)
+    check_against_reference(q, k, v, idx, cnt, block, dtype)
+
+
+def test_packed_heads_varlen_window_and_atomic_dq(monkeypatch):
+    """Two heads per program with packed sequences + a token window, and with the atomic-dQ backward."""
+    gen = torch.Generator().manual_seed(8)
+    lens = [37, 50, 16]
+    hq, hkv, d, block, window = 4, 2, 32, 16, 24
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    total = sum(lens)
+    q, k, v = torch.randn(1, hq, total, d, generator=gen), torch.randn(1, hkv, total, d, generator=gen), torch.randn(1, hkv, total, d, generator=gen)
+    idx, cnt = window_block_lists(max(lens), block, window)
+    idx, cnt = idx.expand(len(lens), hkv, -1, -1).clone(), cnt.expand(len(lens), hkv, -1).clone()
+    for z, n in enumerate(lens):
+        cnt[z, :, -(-n // block):] = 0
+    pack_heads(monkeypatch, block, 2)
+    check_against_reference(q, k, v, idx, cnt, block, torch.bfloat16, cu=cu, window=window)
+    idx, cnt = random_lists(1, hkv, -(-total // block), 3, gen)
+    check_against_reference(q, k, v, idx, cnt, block, torch.float32, atomic_dq=True)
+
+
+def test_heads_per_program_must_divide_group(monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(1, 6, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen)
+    idx, cnt = random_lists(1, 2, 3, 2, gen)
+    monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd", (16, 4, 1, 2))  # group size 3
+    with pytest.raises(ValueError, match=r"HEADS_PER_PROGRAM.*'bwd'.*group size.*= 3.*got 2"):
+        sparse_attention_core(q, k, v, idx, cnt, 16)
+    monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd", (16, 4, 1, 3))  # divides 3 but is not an allowed value
+    with pytest.raises(ValueError, match=r"HEADS_PER_PROGRAM.*\(1, 2, 4\)"):
+        sparse_attention_core(q, k, v, idx, cnt, 16)
