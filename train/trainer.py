@@ -248,8 +248,8 @@ def train(cfg) -> Dict[str, float]:
     runtime = init_runtime(cfg.train.device, cfg.parallel.backend)
     try:
         summary = Trainer(cfg, runtime).fit()
-    except BaseException:
-        if runtime.distributed:
+    except BaseException as err:
+        if runtime.distributed and not isinstance(err, (SystemExit, *user_errors())):
             # Printed now, not after the shutdown below: Python shows the error only once the shutdown
             # returns, and with peers blocked on this rank it might not (a pipeline stage's error hid
             # behind such a hang on 4 GPUs).
