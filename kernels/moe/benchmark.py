@@ -178,6 +178,26 @@ def run_shape(t, d, f, e, k, impls, blocks=None):
     return out
 
 
+def split_router_and_experts(layer, x, dy, warmup=25, rep=100):
+    """Where a rounded layer's time goes: the router alone (top-k, rounding, routing tables) and the
+    expert kernels alone on a precomputed routing, forward and forward+backward (ms)."""
+    with torch.no_grad():
+        router_ms = _bench(lambda: layer.router(x), warmup, rep)
+        routing = layer.router(x)[0]
+    xg = x.detach().requires_grad_()
+
+    def experts():
+        return moe_experts(xg, layer.w1, layer.w2, routing, "triton", blocks=layer.blocks)
+
+    def experts_fwd_bwd():
+        experts().backward(dy)
+
+    with torch.no_grad():
+        experts_fwd = _bench(experts, warmup, rep)
+    experts_fb = _bench(experts_fwd_bwd, warmup, rep, grad_to_none=[xg, layer.w1, layer.w2])
+    return dict(router_fwd_ms=router_ms, experts_fwd_ms=experts_fwd, experts_fwd_bwd_ms=experts_fb)
+
+
 def run_rounding(t, d, f, e, k, skew):
     """Plain top-k vs token rounding (tile 128) on the same skewed inputs, Triton layer, fwd+bwd."""
     res = {"shape": dict(tokens=t, dim=d, ffn=f, experts=e, k=k, skew=skew)}
@@ -189,10 +209,12 @@ def run_rounding(t, d, f, e, k, skew):
             counts = layer(x)[2].counts
         tiles = int(((counts + 127) // 128).sum())
         t_fwd, t_fb, _, _, a = measure(layer, x, dy)
+        split = split_router_and_experts(layer, x.detach(), dy)
         res[name] = dict(fwd_ms=t_fwd, fwd_bwd_ms=t_fb, assignments=a, m_tiles=tiles,
-                         experts_per_token=a / t, max_load=int(counts.max()), min_load=int(counts.min()))
+                         experts_per_token=a / t, max_load=int(counts.max()), min_load=int(counts.min()), **split)
         print(f"  {name:15s} fwd {t_fwd:7.3f} ms fwd+bwd {t_fb:7.3f} ms  tiles {tiles} A/T {a / t:.3f} "
-              f"load [{int(counts.min())}, {int(counts.max())}]", flush=True)
+              f"load [{int(counts.min())}, {int(counts.max())}]  router {split['router_fwd_ms']:.3f} ms, experts "
+              f"fwd {split['experts_fwd_ms']:.3f} / fwd+bwd {split['experts_fwd_bwd_ms']:.3f} ms", flush=True)
     res["speedup_fwd_bwd"] = res["topk"]["fwd_bwd_ms"] / res["token_rounding"]["fwd_bwd_ms"]
     res["speedup_fwd"] = res["topk"]["fwd_ms"] / res["token_rounding"]["fwd_ms"]
     return res

@@ -66,7 +66,7 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, qk_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
+    HEADS_PER_PROGRAM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -96,13 +96,8 @@ def _fwd_kernel(
     acc = tl.zeros([HEADS_PER_PROGRAM * BLOCK, D], dtype=tl.float32)
     idx_base = IDX + z * siz + hkv * sih + pid_m * sim
     cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
-    kb_next = tl.load(idx_base, mask=cnt > 0, other=0)
     for i in range(cnt):
-        if IDX_PREFETCH:
-            kb = kb_next
-            kb_next = tl.load(idx_base + i + 1, mask=i + 1 < cnt, other=0)
-        else:
-            kb = tl.load(idx_base + i)
+        kb = tl.load(idx_base + i)
         for c in tl.static_range(0, BLOCK, BLOCK_N):
             offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
             n_valid = offs_n < k_len
