@@ -11,6 +11,14 @@ them and the MMA has more rows (Hopper tensor cores want >= 128). The stacked ti
 2-D load with per-row pointers (no reshape/join, which differ across triton versions).
 Masking (causal by key position, optional window, sequence end) is applied on every tile: it
 costs a few vector ops and keeps the kernel correct for any list.
+Pipelining (num_stages > 1): Triton's pipeliner turns the K/V tile loads into cp.async copies into
+num_stages shared-memory buffers, issued num_stages - 1 iterations ahead (checked on sm_90 with
+triton 3.6 and 3.9). The block number they need is a scalar load from the list; by default it is
+loaded in the iteration that issues the copies, so each copy waits for it. IDX_PREFETCH=True
+instead walks one flat loop over (list entry, key sub-tile) and loads the next step's block number
+one iteration early (a loop-carried scalar): the copies then never wait for a fresh index load,
+and each iteration holds one K and one V sub-tile (not BLOCK // BLOCK_N of each). Same arithmetic
+in the same order, so the results are bitwise identical.
 """
 
 import triton
@@ -59,6 +67,29 @@ def _stacked_rows(pid_m, h0, BLOCK: tl.constexpr, HEADS: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n0, offs_m, offs_d, k_len, sks, svs, qk_scale, window,
+              BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1; returns the new (m_i, l_i, acc)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < k_len
+    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    s = _dot(q, tl.trans(k)) * qk_scale
+    kpos = offs_n * K_STRIDE + K_OFF
+    keep = n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
+    if HAS_WINDOW:
+        keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX, CNT, CU_Q, CU_K,
     sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, soz, soh, sos, slz, slh,
@@ -66,7 +97,7 @@ def _fwd_kernel(
     seqlen_q, seqlen_k, qk_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HEADS_PER_PROGRAM: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -96,26 +127,21 @@ def _fwd_kernel(
     acc = tl.zeros([HEADS_PER_PROGRAM * BLOCK, D], dtype=tl.float32)
     idx_base = IDX + z * siz + hkv * sih + pid_m * sim
     cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
-    for i in range(cnt):
-        kb = tl.load(idx_base + i)
-        for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < k_len
-            k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            s = _dot(q, tl.trans(k)) * qk_scale
-            kpos = offs_n * K_STRIDE + K_OFF
-            keep = n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
-            m_i = m_new
+    if IDX_PREFETCH:
+        SUB: tl.constexpr = BLOCK // BLOCK_N
+        kb = tl.load(idx_base, mask=cnt > 0, other=0)
+        for t in range(cnt * SUB):
+            m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kb * BLOCK + (t % SUB) * BLOCK_N, offs_m,
+                                      offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+            # block number of step t + 1, read one iteration before the copies that need it
+            nxt = t + 1
+            kb = tl.load(idx_base + nxt // SUB, mask=(nxt % SUB == 0) & (nxt < cnt * SUB), other=kb)
+    else:
+        for i in range(cnt):
+            kb = tl.load(idx_base + i)
+            for c in tl.static_range(0, BLOCK, BLOCK_N):
+                m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kb * BLOCK + c, offs_m, offs_d, k_len,
+                                          sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
