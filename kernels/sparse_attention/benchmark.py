@@ -11,7 +11,8 @@
    gates) at paper defaults against dense SDPA.
 3. Launch-config sweep at 32K GQA 4 (before the timings, whose runs then use its choice), including
    head packing (HEADS_PER_PROGRAM 2 / 4: one program handles that many query heads of a GQA
-   group). Every config is checked against the default config's result on the same inputs;
+   group) and the index-prefetch loops (IDX_PREFETCH, 5th tuple entry). Every config is checked
+   against the default config's result on the same inputs;
    configs that fail to compile (shared memory) or disagree are recorded and never chosen.
 Writes $OUT/sparse_attention.json (or benchmarks/results/) after every measurement.
 
@@ -296,19 +297,27 @@ def run_nsa(report, s, device, save, breakdown=False):
     print(row)
 
 
-# (sub-tile, warps, stages[, HEADS_PER_PROGRAM]) candidates, D=128, BLOCK=64. Packed rows per
-# program = heads * 64 (fwd/dQ) or heads * sub-tile stacked columns (dK/dV). Registers / spill
-# per thread from an sm_90 compile with triton 3.9 (no GPU; the GPU image's 3.6 may differ):
-#   fwd (64,8,3,2) 241 regs, no spill; (64,4,3,2) spills 432 B; heads 4 at 8 warps spill 270-340 B
-#   dQ  (64,8,3,2) 214 regs and (32,8,3,2) 254, no spill; heads 4 spills 380-460 B
-#   dK/dV today's (64,8,3) spills 64 B; heads 2 (128 columns) 328 B; heads 4 / sub 32: 1.8 KB
-#   16 warps (128 regs cap) spill more in every kernel, so none are listed.
-# heads 2 is the expected win; the heads 4 entries measure whether their spills cost more than
-# the wider tiles gain.
+# (sub-tile, warps, stages[, HEADS_PER_PROGRAM[, IDX_PREFETCH]]) candidates, D=128, BLOCK=64. Packed
+# rows per program = heads * 64 (fwd/dQ) or heads * sub-tile stacked columns (dK/dV). From an sm_90
+# compile with the GPU image's triton 3.6 (no GPU; JIT argument specialization reproduced, ptxas -v):
+# every config with stages > 1 turns the K/V (dK/dV: q/dO/lse/delta) loads into cp.async copies
+# into `stages` shared-memory buffers. Registers / spill bytes per thread, shared memory:
+#   fwd (64,4,3) 173 regs 112 KB; (64,8,3,2) 171, 128 KB; heads 4 at 8 warps 255 regs (spill 0-16 B)
+#   dQ  (64,4,3) 185 regs 128 KB; (64,8,3,2) 184, 160 KB; (32,8,3,4) spills 80 B, 224 KB
+#   dK/dV (64,8,3) 255 regs, no spill, 129 KB; (32,8,3) spills 160 B; heads 2 spill 230-370 B;
+#   (32,8,3,4) needs 424 KB of shared memory (more than an SM has): it cannot launch.
+# IDX_PREFETCH=1 (flat loops, next block number read one iteration early): same buffers and about
+# the same registers at sub-tile = block (dK/dV (64,8,3) 248 regs); with sub-tile < block one K/V
+# (q/dO) sub-tile per stage instead of all of a block's: (32,8,3,4) fwd 112 KB no spill, dK/dV
+# (32,8,3) 80 KB 180 regs no spill, dK/dV (32,8,3,4) 226 KB (launchable). Same results bit for bit.
+# 16 warps (128 regs cap) spill more in every kernel, so none are listed.
 SWEEP = {
-    "fwd": ((64, 4, 3), (64, 4, 4), (64, 8, 3, 2), (64, 8, 4, 2), (64, 8, 3, 4), (32, 8, 3, 4)),
-    "dq": ((64, 8, 2), (64, 4, 3), (64, 8, 3), (64, 8, 3, 2), (32, 8, 3, 2), (32, 8, 3, 4)),
-    "bwd": ((64, 8, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2, 2), (64, 8, 3, 2), (32, 8, 3, 4)),
+    "fwd": ((64, 4, 3), (64, 4, 4), (64, 8, 3, 2), (64, 8, 4, 2), (64, 8, 3, 4), (32, 8, 3, 4),
+            (64, 4, 3, 1, 1), (64, 8, 3, 2, 1), (32, 8, 4, 4, 1)),
+    "dq": ((64, 8, 2), (64, 4, 3), (64, 8, 3), (64, 8, 3, 2), (32, 8, 3, 2), (32, 8, 3, 4),
+           (64, 4, 3, 1, 1), (64, 8, 3, 1, 1), (64, 8, 3, 2, 1), (32, 8, 4, 2, 1)),
+    "bwd": ((64, 8, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2, 2), (64, 8, 3, 2), (32, 8, 3, 4),
+            (64, 8, 3, 1, 1), (64, 8, 2, 1, 1), (32, 8, 3, 1, 1), (32, 8, 4, 1, 1), (32, 8, 3, 4, 1)),
 }
 # best config with one head per program, for shapes whose GQA group a packed choice does not divide
 UNPACKED_CHOICE: dict = {}
@@ -332,8 +341,8 @@ def configs_for_group(g):
     best unpacked one (e.g. GQA 1 shapes after a sweep at GQA 4)."""
     out = {}
     for key, cfg in fn.CONFIG_OVERRIDE.items():
-        if len(cfg) == 4 and g % cfg[3]:
-            cfg = UNPACKED_CHOICE.get(key, (*cfg[:3], 1))
+        if len(cfg) >= 4 and g % cfg[3]:
+            cfg = UNPACKED_CHOICE.get(key, (*cfg[:3], 1, *cfg[4:]))
         out[key] = cfg
     return out
 

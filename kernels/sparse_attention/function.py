@@ -74,21 +74,27 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
 
 
 # Benchmarks (and tests) may pin launch configs here:
-#   {"fwd"|"dq": (BLOCK_N, warps, stages[, heads]), "bwd": (BLOCK_M, warps, stages[, heads])}
+#   {"fwd"|"dq": (BLOCK_N, warps, stages[, heads[, prefetch]]), "bwd": (BLOCK_M, warps, stages[, heads[, prefetch]])}
 # BLOCK_N / BLOCK_M is the key / query sub-tile (clipped to the block size); heads is
 # HEADS_PER_PROGRAM, the number of query heads of one GQA group a program packs into one tile
-# (default 1; it must divide the group size).
+# (default 1; it must divide the group size). prefetch (0/1, default 0) is IDX_PREFETCH: one flat
+# loop over (block, sub-tile) steps (dK/dV: over head groups too) that reads the next step's block
+# number one iteration early, so the pipelined tile copies never wait on an index load (see
+# kernel_fwd.py); same results bit for bit.
 CONFIG_OVERRIDE: dict = {}
 ALLOWED_HEADS_PER_PROGRAM = (1, 2, 4)
 
 
 def _resolve_config(key: str, default: tuple, block: int, group: int):
-    """(sub-tile, warps, stages, heads per program) from CONFIG_OVERRIDE[key] or the default, checked."""
+    """(sub-tile, warps, stages, heads per program, index prefetch) from CONFIG_OVERRIDE[key] or the
+    default, checked."""
     cfg = tuple(CONFIG_OVERRIDE.get(key, default))
-    if len(cfg) not in (3, 4):
-        raise ValueError(f"CONFIG_OVERRIDE[{key!r}] must be (sub_tile, warps, stages[, HEADS_PER_PROGRAM]), got {cfg}")
+    if len(cfg) not in (3, 4, 5):
+        raise ValueError(
+            f"CONFIG_OVERRIDE[{key!r}] must be (sub_tile, warps, stages[, HEADS_PER_PROGRAM[, prefetch]]), got {cfg}")
     sub, warps, stages = cfg[:3]
-    heads = cfg[3] if len(cfg) == 4 else 1
+    heads = cfg[3] if len(cfg) >= 4 else 1
+    prefetch = cfg[4] if len(cfg) == 5 else 0
     if sub not in ALLOWED_BLOCKS:
         raise ValueError(f"sub-tile of CONFIG_OVERRIDE[{key!r}] must be one of {ALLOWED_BLOCKS}, got {sub}")
     if heads not in ALLOWED_HEADS_PER_PROGRAM or group % heads:
@@ -96,11 +102,13 @@ def _resolve_config(key: str, default: tuple, block: int, group: int):
             f"HEADS_PER_PROGRAM (CONFIG_OVERRIDE[{key!r}][3]) must be one of {ALLOWED_HEADS_PER_PROGRAM} "
             f"and divide the GQA group size (query heads / kv heads = {group}), got {heads}"
         )
-    return min(sub, block), warps, stages, heads
+    if prefetch not in (0, 1):  # True/False compare equal to 1/0
+        raise ValueError(f"prefetch (CONFIG_OVERRIDE[{key!r}][4]) must be 0 or 1, got {prefetch!r}")
+    return min(sub, block), warps, stages, heads, bool(prefetch)
 
 
 def _fwd_config(d: int, block: int, group: int = 1):
-    """(KV sub-tile, warps, stages, heads per program) of the forward."""
+    """(KV sub-tile, warps, stages, heads per program, index prefetch) of the forward."""
     if interpreting():
         default = (block, 4, 1)
     else:
@@ -109,8 +117,8 @@ def _fwd_config(d: int, block: int, group: int = 1):
 
 
 def _dq_config(d: int, block: int, group: int = 1):
-    """(KV sub-tile, warps, stages, heads per program) of the dQ kernel (fp32 dQ accumulator plus
-    q and dO tiles)."""
+    """(KV sub-tile, warps, stages, heads per program, index prefetch) of the dQ kernel (fp32 dQ
+    accumulator plus q and dO tiles)."""
     if interpreting():
         default = (block, 4, 1)
     else:
@@ -119,8 +127,8 @@ def _dq_config(d: int, block: int, group: int = 1):
 
 
 def _bwd_config(d: int, block: int, group: int = 1):
-    """(query sub-tile, warps, stages, heads per program) of the dK/dV kernel (two fp32
-    accumulators of block x d)."""
+    """(query sub-tile, warps, stages, heads per program, index prefetch) of the dK/dV kernel (two
+    fp32 accumulators of block x d)."""
     if interpreting():
         default = (block, 4, 1)
     else:
@@ -148,7 +156,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
     z, nqb, _ = _meta(q, k, cu_q, cu_k, block, idx)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((zq, hq, sq), dtype=torch.float32, device=q.device)
-    sub_n, warps, stages, heads = _fwd_config(d, block, hq // hkv)
+    sub_n, warps, stages, heads, prefetch = _fwd_config(d, block, hq // hkv)
     dummy = cnt  # any int32 tensor stands in for absent cu_seqlens
     grid = (nqb, z * hq // heads)
     _fwd_kernel[grid](
@@ -161,7 +169,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
         sq, sk, sm_scale * LOG2E, window or 0,
         HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        HEADS_PER_PROGRAM=heads, num_warps=warps, num_stages=stages,
+        HEADS_PER_PROGRAM=heads, IDX_PREFETCH=prefetch, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -171,8 +179,8 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
     zq, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     z, nqb, nkb = _meta(q, k, cu_q, cu_k, block, idx)
-    sub_n, warps_q, stages_q, heads_q = _dq_config(d, block, hq // hkv)
-    sub_m, warps, stages, heads = _bwd_config(d, block, hq // hkv)
+    sub_n, warps_q, stages_q, heads_q, prefetch_q = _dq_config(d, block, hq // hkv)
+    sub_m, warps, stages, heads, prefetch = _bwd_config(d, block, hq // hkv)
     do = _last_contig(do)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -198,7 +206,7 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
             sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
             HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
             K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-            HEADS_PER_PROGRAM=heads_q, num_warps=warps_q, num_stages=stages_q,
+            HEADS_PER_PROGRAM=heads_q, IDX_PREFETCH=prefetch_q, num_warps=warps_q, num_stages=stages_q,
         )
     _bwd_dkdv_kernel[(nkb, z * hkv)](
         q, k, v, do, lse, delta, dk, dv, dq, rev_off, rev_idx, cu_q_arg, cu_k_arg,
@@ -210,7 +218,7 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
         sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, IDX_PREFETCH=prefetch, num_warps=warps, num_stages=stages,
     )
     if atomic_dq:
         dq = dq.to(q.dtype)

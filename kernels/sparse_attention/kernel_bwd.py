@@ -16,6 +16,12 @@ list (fixed order, bitwise reproducible; it also computes delta = rowsum(dO*O) a
 The alternative adds dQ from the dK/dV program with fp32 atomics (no recomputation of QK^T and
 dO V^T, but order-dependent bits); on H200 it measured 2-3x slower (atomic contention on the
 dQ tiles of popular blocks), so it is opt-in (`atomic_dq=True`).
+
+Pipelining as in the forward (see kernel_fwd.py): with num_stages > 1 the q/dO (and lse/delta)
+loads of dK/dV and the K/V loads of dQ become multi-buffered cp.async copies. IDX_PREFETCH=True
+reads the next block number one iteration early; in dK/dV it also merges the head-group loop and
+the query-block loop into one flat loop, so the copy pipeline does not drain and refill at every
+head group. Bitwise identical results either way.
 """
 
 import triton
@@ -27,6 +33,33 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, offs_d, n_valid, kpos, q_len,
+               sqs, sdos, sdqs, qk_scale, sm_scale, window, HAS_WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK/dV contributions of the (stacked) query rows offs_m; the *_base pointers already hold each
+    row's head. Returns the new (dk, dv); with ATOMIC_DQ also adds these rows' dQ."""
+    m_valid = offs_m < q_len
+    q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
+    lse = tl.load(l_base + offs_m, mask=m_valid, other=float("inf"))
+    # rows that saw no key have lse -inf; +inf makes their p exactly 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
+    s_t = _dot(k, tl.trans(q)) * qk_scale
+    keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
+    if HAS_WINDOW:
+        keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
+    p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
+    dv += _dot(p_t.to(do.dtype), do)
+    dp_t = _dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+        tl.atomic_add(dq_base + offs_m[:, None] * sdqs + offs_d[None, :], dq, mask=m_valid[:, None])
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ, REV_OFF, REV_IDX, CU_Q, CU_K,
     sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, sdoz, sdoh, sdos, slz, slh,
@@ -34,7 +67,7 @@ def _bwd_dkdv_kernel(
     seqlen_q, seqlen_k, qk_scale, sm_scale, window,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid = tl.program_id(1)
@@ -67,42 +100,69 @@ def _bwd_dkdv_kernel(
     r = tl.arange(0, HEADS_PER_PROGRAM * BLOCK_M)
     r_head = r // BLOCK_M
     r_pos = r % BLOCK_M
-    for g in range(G // HEADS_PER_PROGRAM):
-        head = hkv * G + g * HEADS_PER_PROGRAM + r_head
-        q_base = Q + bz * sqz + head[:, None] * sqh + q_start * sqs
-        do_base = DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos
-        l_base = LSE + bz * slz + head * slh + q_start
-        d_base = DELTA + bz * slz + head * slh + q_start
-        for j in range(r0, r1):
-            qb = tl.load(REV_IDX + j)
-            for c in tl.static_range(0, BLOCK, BLOCK_M):
-                offs_m = qb * BLOCK + c + r_pos
-                m_valid = offs_m < q_len
-                q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
-                lse = tl.load(l_base + offs_m, mask=m_valid, other=float("inf"))
-                # rows that saw no key have lse -inf; +inf makes their p exactly 0
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-                delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
-                s_t = _dot(k, tl.trans(q)) * qk_scale
-                keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
-                if HAS_WINDOW:
-                    keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
-                p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-                dv += _dot(p_t.to(do.dtype), do)
-                dp_t = _dot(v, tl.trans(do))
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += _dot(ds_t.to(q.dtype), q)
-                if ATOMIC_DQ:
-                    dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
-                    dq_ptrs = DQ + bz * sdqz + head[:, None] * sdqh + (q_start + offs_m)[:, None] * sdqs + offs_d[None, :]
-                    tl.atomic_add(dq_ptrs, dq, mask=m_valid[:, None])
+    NG: tl.constexpr = G // HEADS_PER_PROGRAM
+    if IDX_PREFETCH:
+        # one flat loop over (head group, selecting query block, query sub-tile): the copy pipeline
+        # runs on across head groups instead of draining and refilling per group, and the next
+        # step's query block number is read one iteration early (loop-carried)
+        SUB: tl.constexpr = BLOCK // BLOCK_M
+        total = NG * (r1 - r0) * SUB
+        qb = tl.load(REV_IDX + r0, mask=total > 0, other=0)
+        j = r0
+        g = r0 * 0
+        for t in range(total):
+            head = hkv * G + g * HEADS_PER_PROGRAM + r_head
+            dk, dv = _dkdv_tile(
+                k, v, dk, dv, Q + bz * sqz + head[:, None] * sqh + q_start * sqs,
+                DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos, LSE + bz * slz + head * slh + q_start,
+                DELTA + bz * slz + head * slh + q_start, DQ + bz * sdqz + head[:, None] * sdqh + q_start * sdqs,
+                qb * BLOCK + (t % SUB) * BLOCK_M + r_pos, offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs,
+                qk_scale, sm_scale, window, HAS_WINDOW, ATOMIC_DQ)
+            # advance to step t + 1: next query block after the last sub-tile, next head group after the last block
+            j = tl.where((t + 1) % SUB == 0, j + 1, j)
+            wrap = j == r1
+            j = tl.where(wrap, r0, j)
+            g = tl.where(wrap, g + 1, g)
+            qb = tl.load(REV_IDX + j, mask=t + 1 < total, other=0)
+    else:
+        for g in range(NG):
+            head = hkv * G + g * HEADS_PER_PROGRAM + r_head
+            q_base = Q + bz * sqz + head[:, None] * sqh + q_start * sqs
+            do_base = DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos
+            l_base = LSE + bz * slz + head * slh + q_start
+            d_base = DELTA + bz * slz + head * slh + q_start
+            dq_base = DQ + bz * sdqz + head[:, None] * sdqh + q_start * sdqs
+            for j in range(r0, r1):
+                qb = tl.load(REV_IDX + j)
+                for c in tl.static_range(0, BLOCK, BLOCK_M):
+                    dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, qb * BLOCK + c + r_pos,
+                                        offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs, qk_scale, sm_scale, window,
+                                        HAS_WINDOW, ATOMIC_DQ)
 
     dk = dk * sm_scale
     tl.store(DK + bz * sdkz + hkv * sdkh + (k_start + offs_n)[:, None] * sdks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
     tl.store(DV + bz * sdvz + hkv * sdvh + (k_start + offs_n)[:, None] * sdvs + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+@triton.jit
+def _dq_tile(q, do, lse2, delta, dq, k_base, v_base, n0, offs_m, m_valid, offs_d, k_len, sks, svs, qk_scale, window,
+             BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """dQ contribution (unscaled) of keys n0 .. n0 + BLOCK_N - 1, added to dq."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < k_len
+    k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+    s = _dot(q, tl.trans(k)) * qk_scale
+    kpos = offs_n * K_STRIDE + K_OFF
+    keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
+    if HAS_WINDOW:
+        keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k)
 
 
 @triton.jit
@@ -113,7 +173,7 @@ def _bwd_dq_kernel(
     seqlen_q, seqlen_k, qk_scale, sm_scale, window,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HEADS_PER_PROGRAM: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -148,22 +208,19 @@ def _bwd_dq_kernel(
 
     idx_base = IDX + z * siz + hkv * sih + pid_m * sim
     cnt = tl.load(CNT + z * scz + hkv * sch + pid_m)
-    for i in range(cnt):
-        kb = tl.load(idx_base + i)
-        for c in tl.static_range(0, BLOCK, BLOCK_N):
-            offs_n = kb * BLOCK + c + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < k_len
-            k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-            s = _dot(q, tl.trans(k)) * qk_scale
-            kpos = offs_n * K_STRIDE + K_OFF
-            keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
-            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k)
+    if IDX_PREFETCH:  # flat loop over (list entry, key sub-tile), next block number read one step early
+        SUB: tl.constexpr = BLOCK // BLOCK_N
+        kb = tl.load(idx_base, mask=cnt > 0, other=0)
+        for t in range(cnt * SUB):
+            dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, kb * BLOCK + (t % SUB) * BLOCK_N, offs_m, m_valid,
+                          offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+            kb = tl.load(idx_base + (t + 1) // SUB, mask=t + 1 < cnt * SUB, other=0)
+    else:
+        for i in range(cnt):
+            kb = tl.load(idx_base + i)
+            for c in tl.static_range(0, BLOCK, BLOCK_N):
+                dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, kb * BLOCK + c, offs_m, m_valid, offs_d, k_len,
+                              sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
 
     dq = dq * sm_scale
     tl.store(DQ + bz * sdqz + row_head * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),

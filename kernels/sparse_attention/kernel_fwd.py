@@ -14,7 +14,8 @@ costs a few vector ops and keeps the kernel correct for any list.
 Pipelining (num_stages > 1): Triton's pipeliner turns the K/V tile loads into cp.async copies into
 num_stages shared-memory buffers, issued num_stages - 1 iterations ahead (checked on sm_90 with
 triton 3.6 and 3.9). The block number they need is a scalar load from the list; by default it is
-loaded in the iteration that issues the copies, so each copy waits for it. IDX_PREFETCH=True
+loaded in the iteration that issues the copies, which wait for it (the wait overlaps the
+asynchronous P @ V MMA issued just before). IDX_PREFETCH=True
 instead walks one flat loop over (list entry, key sub-tile) and loads the next step's block number
 one iteration early (a loop-carried scalar): the copies then never wait for a fresh index load,
 and each iteration holds one K and one V sub-tile (not BLOCK // BLOCK_N of each). Same arithmetic
@@ -134,8 +135,7 @@ def _fwd_kernel(
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kb * BLOCK + (t % SUB) * BLOCK_N, offs_m,
                                       offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
             # block number of step t + 1, read one iteration before the copies that need it
-            nxt = t + 1
-            kb = tl.load(idx_base + nxt // SUB, mask=(nxt % SUB == 0) & (nxt < cnt * SUB), other=kb)
+            kb = tl.load(idx_base + (t + 1) // SUB, mask=t + 1 < cnt * SUB, other=0)
     else:
         for i in range(cnt):
             kb = tl.load(idx_base + i)

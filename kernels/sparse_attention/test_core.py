@@ -1,7 +1,8 @@
 """Block-sparse core (Triton; interpreter on CPU) against the dense-mask reference in fp64:
 output, LSE, dQ, dK, dV; fp32 and bf16; ragged lengths, GQA 1/4/8, head dim 64/128, packed
 sequences, windows, empty rows, both backward modes; head packing (HEADS_PER_PROGRAM 2 and 4) on a
-few representative shapes."""
+few representative shapes; the index-prefetch loops (IDX_PREFETCH) against the reference and bit for
+bit against the default loops."""
 
 import pytest
 import torch
@@ -186,12 +187,12 @@ def test_public_entry_defaults_and_errors():
         block_sparse_attention(q, k, v, idx[:, :, :2], block_size=16)
 
 
-def pack_heads(monkeypatch, block, heads, sub_tile=None):
-    """Pin HEADS_PER_PROGRAM for all three kernels; sub_tile < block also splits the key loop of
-    fwd/dQ and the query loop of dK/dV, so stacking is tested together with sub-tiling."""
+def pack_heads(monkeypatch, block, heads, sub_tile=None, prefetch=0):
+    """Pin HEADS_PER_PROGRAM (and IDX_PREFETCH) for all three kernels; sub_tile < block also splits
+    the key loop of fwd/dQ and the query loop of dK/dV, so stacking is tested together with sub-tiling."""
     sub = block if sub_tile is None else sub_tile
     for key in ("fwd", "dq", "bwd"):
-        monkeypatch.setitem(fn.CONFIG_OVERRIDE, key, (sub, 4, 1, heads))
+        monkeypatch.setitem(fn.CONFIG_OVERRIDE, key, (sub, 4, 1, heads, prefetch))
 
 
 PACKED_CASES = [
@@ -242,4 +243,55 @@ def test_heads_per_program_must_divide_group(monkeypatch):
         sparse_attention_core(q, k, v, idx, cnt, 16)
     monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd", (16, 4, 1, 3))  # divides 3 but is not an allowed value
     with pytest.raises(ValueError, match=r"HEADS_PER_PROGRAM.*\(1, 2, 4\)"):
+        sparse_attention_core(q, k, v, idx, cnt, 16)
+
+
+PREFETCH_CASES = [
+    # ragged, 2 sequences, GQA 4: the dK/dV flat loop crosses 4 head groups; lists without the
+    # diagonal, some empty (zero-trip loops, KV blocks no query block selected)
+    pytest.param((2, 8, 2, 75, 32, 16, 3), 1, None, False, None, False, id="gqa4_ragged_empty_rows"),
+    # key / query sub-tiles (flat (block, sub-tile) steps) with 2 packed heads (2 head groups), atomic dQ
+    pytest.param((1, 8, 2, 91, 32, 32, 3), 2, 16, True, None, True, id="subtile16_heads2_atomic_dq"),
+    # packed sequences + token window
+    pytest.param((1, 4, 2, None, 32, 16, None), 1, None, True, 24, False, id="varlen_window"),  # lengths below
+]
+
+
+@pytest.mark.parametrize("case,heads,sub_tile,diagonal,window,atomic_dq", PREFETCH_CASES)
+def test_index_prefetch_matches_reference_and_default_loops(case, heads, sub_tile, diagonal, window, atomic_dq,
+                                                            monkeypatch):
+    """IDX_PREFETCH=1 (flat loops, block numbers read one step early) against the fp64 reference,
+    and bit for bit against the default loops (same arithmetic in the same order)."""
+    b, hq, hkv, s, d, block, maxsel = case
+    gen = torch.Generator().manual_seed(11)
+    cu = None
+    if window is None:
+        q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
+        idx, cnt = random_lists(b, hkv, -(-s // block), maxsel, gen, with_diagonal=diagonal)
+    else:
+        lens = [37, 50, 16]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        q, k, v = (torch.randn(1, h, sum(lens), d, generator=gen) for h in (hq, hkv, hkv))
+        idx, cnt = window_block_lists(max(lens), block, window)
+        idx, cnt = idx.expand(len(lens), hkv, -1, -1).clone(), cnt.expand(len(lens), hkv, -1).clone()
+        for z, n in enumerate(lens):
+            cnt[z, :, -(-n // block):] = 0
+    results = []
+    for prefetch in (1, 0):
+        pack_heads(monkeypatch, block, heads, sub_tile, prefetch)
+        torch.manual_seed(0)  # same dO for both loop forms
+        out, grads = check_against_reference(q, k, v, idx, cnt, block, torch.float32, cu=cu, window=window,
+                                             atomic_dq=atomic_dq)
+        _, lse = sparse_attention_core(q, k, v, idx, cnt, block, cu_seqlens_q=cu, window=window)
+        results.append((out, lse, *grads))
+    for name, a, c in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, c), name
+
+
+def test_prefetch_flag_must_be_0_or_1(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen)
+    idx, cnt = random_lists(1, 2, 3, 2, gen)
+    monkeypatch.setitem(fn.CONFIG_OVERRIDE, "dq", (16, 4, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"prefetch \(CONFIG_OVERRIDE\['dq'\]\[4\]\) must be 0 or 1, got 2"):
         sparse_attention_core(q, k, v, idx, cnt, 16)
