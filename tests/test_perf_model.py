@@ -270,7 +270,16 @@ def test_collect_turns_a_run_dir_into_a_calibration_measurement(tmp_path):
     item = collect.measurement_from_run(str(run), world_size=8)
     assert item["step_time_s"] == pytest.approx(0.505)
     assert item["layout"] == {"tp": 2, "pp": 1, "cp": 1, "ep": 1, "dp": 4, "micro_batch": 4,
-                              "global_batch": 64, "zero": 1, "recompute": "selective"}
+                              "global_batch": 64, "zero": 1, "recompute": "selective", "vpp": 1,
+                              "sequence_parallel": False}
+    # interleaved pipeline runs carry their virtual stages (else the model would predict them as 1F1B)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.parallel.update({"tp": 1, "pp": 2, "pp_schedule": "interleaved_1f1b", "pp_virtual_stages": 2})
+    OmegaConf.save(cfg, run / "config.yaml")
+    assert collect.measurement_from_run(str(run), world_size=8)["layout"]["vpp"] == 2
+    cfg.parallel.pp_schedule = "1f1b"
+    OmegaConf.save(cfg, run / "config.yaml")
+    assert collect.measurement_from_run(str(run), world_size=8)["layout"]["vpp"] == 1
     path = tmp_path / "m.json"
     path.write_text(json.dumps([item]))
     [m] = load_measurements(str(path))

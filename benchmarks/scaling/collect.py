@@ -39,6 +39,16 @@ def _world_size_from_checkpoints(run_dir: str, ckpt_dir: str) -> Optional[int]:
     return None
 
 
+def _virtual_stages(p: dict) -> int:
+    """Model chunks per pipeline rank, as parallel/pipeline.py places them."""
+    if p.get("pp", 1) <= 1:
+        return 1
+    schedule = p.get("pp_schedule", "1f1b")
+    if schedule == "zbv":
+        return 2
+    return int(p.get("pp_virtual_stages", 1)) if schedule in ("interleaved_1f1b", "zero_bubble") else 1
+
+
 def measurement_from_run(run_dir: str, world_size: Optional[int] = None, warmup: int = 3) -> dict:
     """One calibration entry ({"model", "layout", "step_time_s", "label"}) for a run directory."""
     cfg_path, metrics_path = os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, "metrics.jsonl")
@@ -73,7 +83,8 @@ def measurement_from_run(run_dir: str, world_size: Optional[int] = None, warmup:
     layout = {"tp": p["tp"], "pp": p["pp"], "cp": p["cp"], "ep": p.get("ep", 1), "dp": dp,
               "micro_batch": t["micro_batch_size"], "global_batch": t["global_batch_size"],
               "zero": p.get("zero_stage", 0),
-              "recompute": RECOMPUTE.get(m.get("activation_checkpointing", "none"), "none")}
+              "recompute": RECOMPUTE.get(m.get("activation_checkpointing", "none"), "none"),
+              "vpp": _virtual_stages(p), "sequence_parallel": bool(p.get("sequence_parallel", False))}
     return {"model": model, "layout": layout, "step_time_s": statistics.median(times),
             "label": os.path.basename(os.path.normpath(run_dir)), "steps_used": len(times)}
 
