@@ -67,10 +67,19 @@ class NativeEngine(ShardedStateMixin):
 
         self.cfg, self.rt, self.g = cfg, runtime, groups
         p, t = cfg.parallel, cfg.train
-        self.model = model.to(runtime.device)
+        # Shard where the model was built (the host when it is too big for one GPU, see trainer.init_device),
+        # then move only this rank's part: TP slices first, other pipeline stages freed before the move.
+        parallelize(model, groups, p)
+        if groups.pp > 1:
+            from .pipeline import free_other_stages, local_stage_parts, to_device_except_meta
+
+            parts = local_stage_parts(model, groups, p)
+            free_other_stages(model, parts, keep_embedding=model.cfg.tie_embeddings and parts["last"])
+            self.model = to_device_except_meta(model, runtime.device)
+        else:
+            self.model = model.to(runtime.device)
         self.dp_rank, self.dp_size = groups.dp_rank, groups.dp
         self.autocast = autocast_factory(t.precision, runtime.device)
-        parallelize(self.model, groups, p)
         if groups.ep > 1:
             for m in self.model.modules():
                 if hasattr(m, "set_ep_group"):
@@ -105,17 +114,8 @@ class NativeEngine(ShardedStateMixin):
             # mishandles one parameter shared by two stages of a rank)
             self.tied_copy = nn.Parameter(model.embed.weight.detach().clone())
             model.head.weight = self.tied_copy
-        # free what this rank does not run: layers of other stages, embedding/head it does not hold
-        local = {id(m) for sm in self.pipe.modules for m in sm.modules()}
-        for i, block in enumerate(model.layers):
-            if id(block) not in local:
-                block.to("meta")
         if not self.pipe.has_first:
-            model.embed.to("meta")
-        if not self.pipe.has_last:
-            model.norm.to("meta")
-            if not model.cfg.tie_embeddings:
-                model.head.to("meta")
+            model.embed.to("meta")  # kept until here only for the tied head's copy
 
     def local_modules(self) -> List[nn.Module]:
         return list(self.pipe.modules) if self.pipe else [self.model]

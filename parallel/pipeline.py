@@ -55,6 +55,35 @@ def rank_of_stage(stage: int, pp: int, virtual: int, schedule: str) -> int:
     raise ValueError(f"stage {stage} is not placed")
 
 
+def local_stage_parts(model: nn.Module, groups, pcfg) -> dict:
+    """What this pp rank runs: {"layers": layer ids, "first": holds stage 0, "last": holds the last stage}."""
+    pp, v = groups.pp, pcfg.pp_virtual_stages if pcfg.pp_schedule != "zbv" else 2
+    n_stages = pp * v
+    layers = stage_layers(model.cfg.n_layers, n_stages, list(pcfg.pp_layers) or None)
+    ids = stages_of_rank(groups.pp_rank, pp, v, pcfg.pp_schedule)
+    return {"layers": {i for s in ids for i in layers[s]}, "first": 0 in ids, "last": n_stages - 1 in ids}
+
+
+def free_other_stages(model: nn.Module, parts: dict, keep_embedding: bool = False) -> None:
+    """Move what this rank does not run to the meta device (no storage): other stages' layers, the
+    embedding unless it holds the first stage (or ``keep_embedding``: a tied head still copies it),
+    the final norm and head unless it holds the last."""
+    for i, block in enumerate(model.layers):
+        if i not in parts["layers"]:
+            block.to("meta")
+    if not (parts["first"] or keep_embedding):
+        model.embed.to("meta")
+    if not parts["last"]:
+        model.norm.to("meta")
+        if not model.cfg.tie_embeddings:
+            model.head.to("meta")
+
+
+def to_device_except_meta(model: nn.Module, device: torch.device) -> nn.Module:
+    """model.to(device) for every tensor with storage; meta tensors (freed stages) stay meta."""
+    return model._apply(lambda t: t if t.is_meta else t.to(device))
+
+
 class StageModule(nn.Module):
     """Layers `layer_ids` of `model` (+ embedding on the first stage, norm and head on the last)."""
 
