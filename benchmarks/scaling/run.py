@@ -185,15 +185,11 @@ def flops_per_token(run_dir: str) -> float:
 
 
 def perf_model_measurement(run_dir: str, world: int, step_time_s: float, label: str):
-    """collect.py's calibration entry plus what it leaves at the Layout defaults (SP, virtual stages)."""
-    from omegaconf import OmegaConf
-
+    """collect.py's calibration entry (layout incl. SP and virtual stages) as a perf-model Measurement."""
     from sparsetron.parallel.perf_model import Layout, Measurement, model_from_dict
 
     item = collect.measurement_from_run(run_dir, world_size=world, warmup=0)
-    p = OmegaConf.load(os.path.join(run_dir, "config.yaml")).parallel
-    layout = Layout(**item["layout"], sequence_parallel=bool(p.sequence_parallel), vpp=int(p.pp_virtual_stages))
-    return Measurement(model_from_dict(item["model"]), layout, step_time_s, label)
+    return Measurement(model_from_dict(item["model"]), Layout(**item["layout"]), step_time_s, label)
 
 
 def calibrate_runs(runs: List[dict], cluster) -> Optional[dict]:
