@@ -55,9 +55,14 @@ def rank_of_stage(stage: int, pp: int, virtual: int, schedule: str) -> int:
     raise ValueError(f"stage {stage} is not placed")
 
 
+def virtual_stages(pcfg) -> int:
+    """Model chunks per pp rank: the config's, or 2 for ZB-V (its V always places two)."""
+    return 2 if pcfg.pp_schedule == "zbv" else pcfg.pp_virtual_stages
+
+
 def local_stage_parts(model: nn.Module, groups, pcfg) -> dict:
     """What this pp rank runs: {"layers": layer ids, "first": holds stage 0, "last": holds the last stage}."""
-    pp, v = groups.pp, pcfg.pp_virtual_stages if pcfg.pp_schedule != "zbv" else 2
+    pp, v = groups.pp, virtual_stages(pcfg)
     n_stages = pp * v
     layers = stage_layers(model.cfg.n_layers, n_stages, list(pcfg.pp_layers) or None)
     ids = stages_of_rank(groups.pp_rank, pp, v, pcfg.pp_schedule)
@@ -120,7 +125,7 @@ class Pipeline:
                  loss_fn, device: torch.device, dtype: torch.dtype, autocast=contextlib.nullcontext):
         from torch.distributed.pipelining import PipelineStage
 
-        pp, v = groups.pp, pcfg.pp_virtual_stages if pcfg.pp_schedule != "zbv" else 2
+        pp, v = groups.pp, virtual_stages(pcfg)
         self.groups, self.schedule_name, self.virtual = groups, pcfg.pp_schedule, v
         self.n_stages = pp * v
         self.layers = stage_layers(model.cfg.n_layers, self.n_stages, list(pcfg.pp_layers) or None)

@@ -54,8 +54,10 @@ def enable_stack_dumps(path: str) -> None:
     benchmarks/scaling/run.py sends the signal to every worker before killing a timed-out launch."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stream = open(path, "a")
-    _stack_files.append(stream)
     faulthandler.register(STACK_DUMP_SIGNAL, file=stream, all_threads=True, chain=False)
+    while _stack_files:  # a later trainer in the same process replaces the earlier one's file
+        _stack_files.pop().close()
+    _stack_files.append(stream)
 
 
 def _env_float(name: str, default: float) -> float:

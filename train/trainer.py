@@ -25,6 +25,7 @@ from .pretrained import load_pretrained
 from .profiling import StepProfiler
 from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog, enable_stack_dumps
 
+
 def init_device(cfg, device: torch.device, n_params: int) -> torch.device:
     """Where the full model is built before the engine places or shards it. On the GPU when its fp32
     weights take under half of the free GPU memory: a host-side init of a multi-billion model is slow
@@ -45,6 +46,7 @@ class Trainer:
         self.run_dir = os.path.abspath(os.path.expanduser(cfg.run_dir))
         self.ckpt_root = os.path.join(self.run_dir, cfg.checkpoint.dir)
         enable_stack_dumps(os.path.join(self.run_dir, "stacks", f"rank{runtime.rank}.txt"))  # before any collective
+        self.profiler = StepProfiler.from_env(self.run_dir, runtime.rank)  # a bad SPARSETRON_PROFILE fails here
         t = cfg.train
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -181,9 +183,8 @@ class Trainer:
         try:
             if self.step == 0 and t.eval_every:
                 summary["first_val_loss"] = self._log_val()
-            profiler = StepProfiler.from_env(self.run_dir, self.rt.rank)
             while self.step < t.max_steps:
-                profiler.at_step(self.step)
+                self.profiler.at_step(self.step)
                 start = time.perf_counter()
                 self.comm_timer.reset()
                 batches = prefetch.get(self.step)
@@ -224,7 +225,7 @@ class Trainer:
             if c.save_final or summary["preempted"]:
                 with self.watchdog.suspended():
                     self.save()
-            profiler.at_step(self.step, last=True)
+            self.profiler.at_step(self.step, last=True)
         finally:
             self.watchdog.stop()
             if not summary["preempted"]:
