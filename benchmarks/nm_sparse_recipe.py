@@ -2,6 +2,8 @@
 
     python benchmarks/nm_sparse_recipe.py --out $OUT/nm_sparse.json     # GPU, one call (< 540 s)
     python benchmarks/nm_sparse_recipe.py --dry-run --out /tmp/nm.json  # CPU, tiny model, < 90 s
+    python benchmarks/nm_sparse_recipe.py --scale cpu --out benchmarks/results/nm_sparse_cpu.json
+        # CPU quality run (~1 h on 2 cores): the default job's 4M model, pre-trained to convergence
 
 Speed (in this process, the engine's real train_step on one fixed random batch, CUDA events):
   dense model step | 2:4 step, sparsity.backend=dense (masked dense) | 2:4 step, backend=packed
@@ -74,17 +76,27 @@ SPEED_VARIANTS = {  # name -> overrides on top of the fine-tune config (one opti
 
 
 # ------------------------------------------------------------------------------------- setup
+# --scale cpu: the README default job's model and data (model=tiny, 4M parameters, seq 256, 16 seq/step,
+# the 6 MB default corpus), fp32. Small enough to pre-train to convergence on a laptop CPU, so the
+# recipe's quality question gets an answer where no GPU time is left.
+CPU_SCALE = ["train.seq_len=256", "train.global_batch_size=16", "train.micro_batch_size=16", *LOGGING]
+
+
 def model_overrides(args) -> list:
     """Model, sequence, batch and data of every run (the pre-training's, so fine-tunes match it)."""
-    if args.dry_run:
+    if args.scale == "dry":
         return list(TINY)  # tiny Llama, seq 64, 8 seq/step, 400 KB of the stdlib; includes LOGGING
+    if args.scale == "cpu":
+        return list(CPU_SCALE)
     return ["model=125m", "train.seq_len=1024", "train.global_batch_size=64", "train.micro_batch_size=16",
             f"data.max_corpus_bytes={args.corpus_bytes}", *LOGGING]
 
 
 def pretrain_overrides(args) -> list:
-    if args.dry_run:
+    if args.scale == "dry":
         return list(TINY)
+    if args.scale == "cpu":
+        return [*CPU_SCALE, "optim.lr=3e-3", "optim.warmup_steps=50"]
     # gpu_125m sets model=125m, seq 1024, 64 x 1024 tokens/step, lr 1.5e-3; warm-up 20 (optim default)
     return ["experiment=gpu_125m", f"data.max_corpus_bytes={args.corpus_bytes}", *LOGGING]
 
@@ -462,44 +474,64 @@ def quality_table(rec) -> dict:
 
 
 # -------------------------------------------------------------------------------------- main
-def main(argv=None):
+SCALE_DEFAULTS = {  # key: (gpu, cpu, dry)
+    "pretrain_steps": (300, 2000, 150), "finetune_steps": (100, 400, 10), "infer_batches": ([1, 4, 16], [1, 2], [1, 2]),
+    "warmup": (3, 1, 1), "steps": (5, 2, 2), "budget_s": (510.0, 6000.0, 85.0), "margin_s": (25.0, 30.0, 5.0),
+}
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/nm_sparse.json")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, few steps: checks the pipeline")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 300 (GPU), 150 (dry run)")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="default 100 (GPU), 10 (dry run)")
+    ap.add_argument("--scale", choices=("gpu", "cpu", "dry"), default="gpu",
+                    help="gpu: 125M model, bf16 (default); cpu: the default job's 4M model pre-trained to "
+                         "convergence, quality only (speed rows need a GPU); dry: tiny model, few steps")
+    ap.add_argument("--dry-run", action="store_true", help="the same as --scale dry: checks the pipeline on CPU")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 300 gpu, 2000 cpu, 150 dry")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default 100 gpu, 400 cpu, 10 dry")
     ap.add_argument("--min-finetune-steps", type=int, default=20)
-    ap.add_argument("--corpus-bytes", type=int, default=0, help="data.max_corpus_bytes (0: the whole stdlib)")
+    ap.add_argument("--corpus-bytes", type=int, default=0,
+                    help="data.max_corpus_bytes at --scale gpu (0: the whole stdlib); cpu and dry keep their own")
     ap.add_argument("--infer-batches", type=int, nargs="+", default=None, help="default 1 4 16 (GPU), 1 2 (dry)")
     ap.add_argument("--warmup", type=int, default=None, help="speed: warm-up steps (default 3 GPU, 1 dry)")
     ap.add_argument("--steps", type=int, default=None, help="speed: timed steps (default 5 GPU, 2 dry)")
-    ap.add_argument("--budget-s", type=float, default=None, help="wall budget of this script (default 510 GPU, 85 dry)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall budget of this script (default 510 gpu, 6000 cpu, 85 dry)")
     ap.add_argument("--margin-s", type=float, default=None, help="kept free at the end (default 25 GPU, 5 dry)")
-    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="(always on at --scale cpu: the speed rows need a GPU)")
     ap.add_argument("--skip-recipe", action="store_true")
     ap.add_argument("--work-dir", default=None, help="run directories (default: a temp dir, removed at the end)")
     args = ap.parse_args(argv)
-    t_start = time.time()
-    dry = args.dry_run
-    defaults = (("pretrain_steps", 300, 150), ("finetune_steps", 100, 10), ("infer_batches", [1, 4, 16], [1, 2]),
-                ("warmup", 3, 1), ("steps", 5, 2), ("budget_s", 510.0, 85.0), ("margin_s", 25.0, 5.0))
-    for key, gpu, cpu in defaults:
+    if args.dry_run:
+        args.scale = "dry"
+    if args.scale == "cpu":
+        args.skip_speed = True  # 2:4 packing and its timings are GPU-only
+    column = ("gpu", "cpu", "dry").index(args.scale)
+    for key, values in SCALE_DEFAULTS.items():
         if getattr(args, key) is None:
-            setattr(args, key, cpu if dry else gpu)
-    if dry:
+            setattr(args, key, values[column])
+    if args.scale == "dry":
         args.min_finetune_steps = min(args.min_finetune_steps, args.finetune_steps)
-    if not dry and not torch.cuda.is_available():
-        ap.error("no GPU: use --dry-run")
+    if args.scale == "gpu" and not torch.cuda.is_available():
+        ap.error("--scale gpu: no GPU here (use --scale cpu or --dry-run)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    dry = args.scale == "dry"
+    on_cpu = args.scale != "gpu"
     budget_end = t_start + args.budget_s
 
     from sparsetron.parallel.runtime import init_runtime
     from sparsetron.train.cli import compose
 
-    runtime = init_runtime("cpu" if dry else "cuda")
+    runtime = init_runtime("cpu" if on_cpu else "cuda")
     device = runtime.device
     base = ["experiment=nm24_finetune", *model_overrides(args)]
     cfg = compose(base)
-    report = {**versions(device), "dry_run": dry,
+    report = {**versions(device), "dry_run": dry, "scale": args.scale,
               "model": {k: cfg.model[k] for k in ("name", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                                   "ffn_dim", "tie_embeddings")},
               "train": {"seq_len": cfg.train.seq_len, "global_batch_size": cfg.train.global_batch_size,

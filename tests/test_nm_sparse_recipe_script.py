@@ -128,3 +128,23 @@ def test_finetune_steps_are_lowered_to_fit_the_budget_and_say_so():
     steps, note = recipe.finetune_steps_that_fit(args, 50.0, 20.0, speed)
     assert steps == 10 and note.startswith("kept at the minimum 10")
     assert recipe.finetune_steps_that_fit(args, 50.0, 20.0, {})[1].startswith("no step time measured")
+
+
+def test_scale_picks_its_defaults_and_gpu_scale_refuses_without_a_gpu(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nm_sparse_recipe", SCRIPT)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    cpu = recipe.parse_args(["--scale", "cpu"])
+    assert (cpu.pretrain_steps, cpu.finetune_steps, cpu.budget_s, cpu.skip_speed) == (2000, 400, 6000.0, True)
+    assert recipe.model_overrides(cpu) == recipe.CPU_SCALE
+    assert "optim.lr=3e-3" in recipe.pretrain_overrides(cpu)
+    dry = recipe.parse_args(["--dry-run", "--finetune-steps", "7"])
+    assert dry.scale == "dry" and dry.pretrain_steps == 150 and dry.min_finetune_steps == 7 and not dry.skip_speed
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            recipe.parse_args([])  # --scale gpu is the default
+        assert "--scale gpu: no GPU here" in capsys.readouterr().err
