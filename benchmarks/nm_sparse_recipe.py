@@ -483,6 +483,10 @@ SCALE_DEFAULTS = {  # key: (gpu, cpu, dry)
 }
 
 
+def defaults_help(key: str) -> str:
+    return "default " + ", ".join(f"{v} {scale}" for scale, v in zip(("gpu", "cpu", "dry"), SCALE_DEFAULTS[key]))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/nm_sparse.json")
@@ -490,17 +494,17 @@ def parse_args(argv=None):
                     help="gpu: 125M model, bf16 (default); cpu: the default job's 4M model pre-trained 2000 steps "
                          "on the whole stdlib, quality only (speed rows need a GPU); dry: tiny model, few steps")
     ap.add_argument("--dry-run", action="store_true", help="the same as --scale dry: checks the pipeline on CPU")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="default 300 gpu, 2000 cpu, 150 dry")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="default 100 gpu, 400 cpu, 10 dry")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help=defaults_help("pretrain_steps"))
+    ap.add_argument("--finetune-steps", type=int, default=None, help=defaults_help("finetune_steps"))
     ap.add_argument("--min-finetune-steps", type=int, default=20)
     ap.add_argument("--corpus-bytes", type=int, default=0,
                     help="data.max_corpus_bytes at --scale gpu (0: the whole stdlib); cpu and dry keep their own")
-    ap.add_argument("--infer-batches", type=int, nargs="+", default=None, help="default 1 4 16 (GPU), 1 2 (dry)")
-    ap.add_argument("--warmup", type=int, default=None, help="speed: warm-up steps (default 3 GPU, 1 dry)")
-    ap.add_argument("--steps", type=int, default=None, help="speed: timed steps (default 5 GPU, 2 dry)")
+    ap.add_argument("--infer-batches", type=int, nargs="+", default=None, help=defaults_help("infer_batches"))
+    ap.add_argument("--warmup", type=int, default=None, help="speed: warm-up steps; " + defaults_help("warmup"))
+    ap.add_argument("--steps", type=int, default=None, help="speed: timed steps; " + defaults_help("steps"))
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall budget of this script (default 510 gpu, 6000 cpu, 85 dry)")
-    ap.add_argument("--margin-s", type=float, default=None, help="kept free at the end (default 25 GPU, 5 dry)")
+                    help="wall budget of this script; " + defaults_help("budget_s"))
+    ap.add_argument("--margin-s", type=float, default=None, help="kept free at the end; " + defaults_help("margin_s"))
     ap.add_argument("--skip-speed", action="store_true", help="(always on at --scale cpu: the speed rows need a GPU)")
     ap.add_argument("--skip-recipe", action="store_true")
     ap.add_argument("--work-dir", default=None, help="run directories (default: a temp dir, removed at the end)")
