@@ -14,3 +14,11 @@ def triton_usable(*tensors: torch.Tensor) -> bool:
     if interpreting():
         return True
     return all(t.is_cuda for t in tensors)
+
+
+def fp32_dot_options() -> dict:
+    """Launch option for tl.dot on fp32 operands, following PyTorch's own matmul policy:
+    TF32 tensor cores only where `torch.backends.cuda.matmul.allow_tf32` (or
+    `torch.set_float32_matmul_precision("high")`) allows them for torch.matmul, exact fp32 ("ieee")
+    otherwise. bf16/fp16 operands are unaffected. The interpreter always computes in fp32."""
+    return {"default_dot_input_precision": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import triton
 
-from .._triton import interpreting, triton_usable
+from .._triton import fp32_dot_options, interpreting, triton_usable
 from . import kernel as K
 from .reference import moe_experts_reference
 from .routing import Routing
@@ -62,7 +62,7 @@ def _launch_gemm(a, w, out, scale, routing: Routing, n, k, stride_be, stride_bk,
         a, w, out, scale if scale is not None else a, routing.dest_row, routing.expert_offsets, tile_expert, tile_offsets,
         routing.num_experts, n, k, a.stride(0), stride_be, stride_bk, stride_bn, out.stride(0),
         HAS_SCALE=scale is not None, BLOCK_M=blk.block_m, BLOCK_N=blk.mm_n, BLOCK_K=blk.mm_k, DOT_FP32=interpreting(),
-        num_warps=blk.mm_warps, num_stages=blk.mm_stages,
+        num_warps=blk.mm_warps, num_stages=blk.mm_stages, **fp32_dot_options(),
     )
 
 
@@ -95,6 +95,7 @@ def _wgrad(left, right, out, routing: Routing, gather_left: bool, gather_right: 
         ni, nj, left.stride(0), right.stride(0), out.stride(0), out.stride(1),
         GATHER_L=gather_left, GATHER_R=gather_right,
         BLOCK_I=blk.wg_i, BLOCK_J=blk.wg_j, BLOCK_K=blk.wg_k, DOT_FP32=interpreting(), num_warps=blk.wg_warps, num_stages=blk.wg_stages,
+        **fp32_dot_options(),
     )
 
 
@@ -113,6 +114,7 @@ def experts_forward(x, w_gate_up, w_down, routing: Routing, blk: Blocks):
             x, w_gate_up, routing.sorted_token, routing.expert_offsets, tile_expert, tile_offsets, h, act,
             e, d, f, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), act.stride(0),
             BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, DOT_FP32=interpreting(), num_warps=blk.up_warps, num_stages=blk.up_stages,
+            **fp32_dot_options(),
         )
     y = torch.empty(a_n, d, dtype=x.dtype, device=x.device)
     if a_n:
@@ -141,6 +143,7 @@ def experts_backward(dout, x, w_gate_up, w_down, h, routing: Routing, blk: Block
             e, f, d, a_n,
             dy.stride(0), w_down.stride(0), w_down.stride(1), h.stride(0), dh.stride(0), actw.stride(0),
             BLOCK_M=blk.block_m, BLOCK_N=blk.up_n, BLOCK_K=blk.up_k, DOT_FP32=interpreting(), num_warps=blk.mm_warps, num_stages=blk.mm_stages,
+            **fp32_dot_options(),
         )
     dw_down = torch.empty_like(w_down)
     dw_gate_up = torch.empty_like(w_gate_up)

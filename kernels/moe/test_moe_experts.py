@@ -7,7 +7,7 @@ import torch
 
 from sparsetron.kernels._triton import interpreting
 from sparsetron.kernels.moe.function import Blocks, moe_experts
-from sparsetron.kernels.moe.router import token_rounding_mask
+from sparsetron.kernels.moe.token_rounding import token_rounding_mask
 from sparsetron.kernels.moe.routing import routing_from_mask, routing_from_topk
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +58,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-D{c[1]}-F{c[2]}-E{c[3]}-k{c[4]}" + ("-empty" if c[5] else "") + ("-tr" if c[6] else "") for c in CASES])
 def test_experts_match_reference(case, dtype):
     t, d, f, e, k, empty, tile = case
-    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(hash(case) % 2**31)
     x = torch.randn(t, d, generator=gen)
     w1 = torch.randn(e, 2 * f, d, generator=gen) * d**-0.5
     w2 = torch.randn(e, d, f, generator=gen) * f**-0.5

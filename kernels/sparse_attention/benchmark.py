@@ -147,7 +147,7 @@ def correctness(report, device):
     from sparsetron.configs.schema.attention import AttentionConfig
     from sparsetron.configs.schema.model import ModelConfig
     from sparsetron.train.model.rope import rope_tables
-    from .nsa import NSAAttention
+    from sparsetron.train.model.sparse_attention.nsa import NSAAttention
 
     cfg = ModelConfig(dim=1024, n_heads=8, n_kv_heads=2, max_seq_len=1100)
     m = NSAAttention(cfg, AttentionConfig(kind="nsa", window=256, num_selected=4), 0).to(device)
@@ -239,6 +239,55 @@ def run_shape(report, s, hkv, device, flex_compiled, save):
     return row
 
 
+def kernel_split(report, s, hkv, device, save, reps=5):
+    """Device time per kernel of one fwd+bwd (torch.profiler), on the benchmark mask (block 0 in
+    every list: one popular KV block) and on a perfectly balanced local window with as many blocks
+    per query block: shows whether dK/dV still has a long tail on popular blocks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = HQ // hkv
+    q = torch.randn(1, HQ, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, hkv, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, hkv, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn_like(q)
+    bench_idx, bench_cnt = bench_lists(s, hkv, device)
+    per_row = int(bench_cnt.float().mean().round())
+    nb = bench_idx.shape[2]
+    i = torch.arange(nb, device=device)[:, None]
+    win = (i - torch.arange(per_row, device=device)[None, :]).flip(-1)
+    win_cnt = (win >= 0).sum(-1).to(torch.int32)
+    win = torch.where(win >= 0, win, 0)
+    win = torch.sort(torch.where(torch.arange(per_row, device=device) < win_cnt[:, None], win, nb), -1).values
+    win = torch.where(win < nb, win, 0).to(torch.int32)
+    masks = {"benchmark": (bench_idx, bench_cnt),
+             "balanced_window": (win.expand(1, hkv, nb, per_row).contiguous(), win_cnt.expand(1, hkv, nb).contiguous())}
+    rows = {}
+    for name, (idx, cnt) in masks.items():
+        step = lambda: sparse_attention_core(q, k, v, idx, cnt, BLOCK)[0].backward(do)  # noqa: E731
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+        times = {}
+        for e in prof.key_averages():
+            if any(n in e.key for n in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_dkdv_reduce_kernel")):
+                times[e.key] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / reps / 1e3
+        rows[name] = {"ms": times, "blocks_per_query_block": per_row if name != "benchmark" else
+                      float(bench_cnt.float().mean())}
+        print(f"kernel split {s} hkv{hkv} {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
+    dkdv = {n: sum(v for k, v in r["ms"].items() if "dkdv" in k) for n, r in rows.items()}
+    fwd = {n: sum(v for k, v in r["ms"].items() if "_fwd_kernel" in k) for n, r in rows.items()}
+    bwd = {n: sum(v for k, v in r["ms"].items() if "bwd" in k or "reduce" in k) for n, r in rows.items()}
+    report.setdefault("kernel_split", []).append({
+        "seq": s, "hkv": hkv, "block": BLOCK, "masks": rows,
+        "dkdv_benchmark_over_balanced": dkdv["benchmark"] / dkdv["balanced_window"],
+        "bwd_over_fwd_benchmark": bwd["benchmark"] / fwd["benchmark"]})
+    save()
+
+
 def nsa_breakdown(m, q, k, v):
     """Forward time of each NSA stage (no grad)."""
     from .selection import cmp_scores, compressed_block_lists, nsa_select, window_block_lists
@@ -269,7 +318,7 @@ def nsa_breakdown(m, q, k, v):
 def run_nsa(report, s, device, save, breakdown=False):
     from sparsetron.configs.schema.attention import AttentionConfig
     from sparsetron.configs.schema.model import ModelConfig
-    from .nsa import NSAAttention
+    from sparsetron.train.model.sparse_attention.nsa import NSAAttention
 
     hkv = 8
     cfg = ModelConfig(dim=HQ * D, n_heads=HQ, n_kv_heads=hkv, max_seq_len=s)
@@ -411,10 +460,17 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-only", action="store_true", help="correctness + config sweep, no timing table")
     ap.add_argument("--no-correctness", action="store_true")
+    ap.add_argument("--block", type=int, default=64, help="mask block size (64, or 128 where Flex's backward compiles)")
+    ap.add_argument("--no-nsa", action="store_true")
+    ap.add_argument("--split-only", action="store_true", help="only the per-kernel split at the first seq / GQA")
     args = ap.parse_args()
+    global BLOCK, FLEX_OPTS
+    BLOCK = args.block
+    if BLOCK == 128:
+        FLEX_OPTS = None  # Flex's own 128-token tiles match the mask blocks (its backward compiles there)
     device = "cuda"
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
-    path = os.path.join(out_dir, "sparse_attention.json")
+    path = os.path.join(out_dir, "sparse_attention.json" if BLOCK == 64 else f"sparse_attention_block{BLOCK}.json")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "dtype": "bfloat16", "block": BLOCK, "head_dim": D, "q_heads": HQ,
               "mask": f"per query block: window {WINDOW} tokens as blocks + {N_SELECT} more (block 0 + random past)",
@@ -436,6 +492,10 @@ def main():
     if args.sweep_only:
         print("correct:", report["correct"])
         return
+    seqs, gqas = list(map(int, args.seqs.split(","))), list(map(int, args.gqa.split(",")))
+    kernel_split(report, seqs[0], HQ // gqas[0], device, save)
+    if args.split_only:
+        return
     from torch.nn.attention.flex_attention import flex_attention
 
     # one compile per shape and grad mode: 6 shapes x 2 exceed dynamo's default limit of 8
@@ -446,8 +506,9 @@ def main():
             with pinned_configs(configs_for_group(gqa)):
                 run_shape(report, s, HQ // gqa, device, flex_compiled, save)
             torch.cuda.empty_cache()
-        with pinned_configs(configs_for_group(HQ // 8)):  # NSA runs 8 KV heads
-            run_nsa(report, s, device, save, breakdown=s == 65536)
+        if not args.no_nsa:
+            with pinned_configs(configs_for_group(HQ // 8)):  # NSA runs 8 KV heads
+                run_nsa(report, s, device, save, breakdown=s == 65536)
         torch.cuda.empty_cache()
         print(f"[{time.time() - t0:.0f}s]")
     print("\nseq  hkv | ours fwd / fwd+bwd ms (TFLOP/s) | flex fwd / fwd+bwd | sdpa fwd / fwd+bwd | x flex fb | x sdpa fb")

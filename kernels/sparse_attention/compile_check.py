@@ -8,7 +8,14 @@ usage: python -m sparsetron.kernels.sparse_attention.compile_check [fwd|dq|bwd|a
 Prints per config: smem bytes, regs (cuobjdump, = ptxas), spill store/load bytes (ptxas -v log), async copies in TTGIR,
 cp.async count in PTX, number of multi-buffered smem allocations in the loop.
 """
-import contextlib, io, os, re, subprocess, sys, tempfile
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output: registers and spill bytes
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # so ptxas runs (and logs) every time
 import torch
@@ -45,15 +52,15 @@ def capture(hq=32, hkv=8, s=1024, d=128, block=64, window=None, varlen=False, se
     idx = torch.randint(0, nb, (n_seq, hkv, nb, sel), dtype=torch.int32)
     cnt = torch.full((n_seq, hkv, nb), sel, dtype=torch.int32)
     cu = torch.tensor([0, s // 2, s], dtype=torch.int32) if varlen else None
-    saved = F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel
-    F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel = (
-        Recorder("fwd", saved[0]), Recorder("dq", saved[1]), Recorder("bwd", saved[2]))
+    saved = F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel, F._dkdv_reduce_kernel
+    F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel, F._dkdv_reduce_kernel = (
+        Recorder("fwd", saved[0]), Recorder("dq", saved[1]), Recorder("bwd", saved[2]), Recorder("reduce", saved[3]))
     try:
         o, lse = F._forward(q, k, v, idx, cnt, block, cu, cu, window, d ** -0.5, 1, 0)
         lse.zero_()
         F._backward(q, k, v, o, lse, torch.randn_like(o), idx, cnt, block, cu, cu, window, d ** -0.5, 1, 0, False)
     finally:
-        F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel = saved
+        F._fwd_kernel, F._bwd_dq_kernel, F._bwd_dkdv_kernel, F._dkdv_reduce_kernel = saved
 
 
 def compile_captured(name, sub, warps, stages, heads=1, extra=None):
@@ -87,7 +94,7 @@ def report(k):
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", k.ptxas_log)
     ptxas_regs = re.search(r"Used (\d+) registers", k.ptxas_log)
     assert ptxas_regs and int(ptxas_regs.group(1)) == int(regs), k.ptxas_log
-    return dict(smem=k.metadata.shared, regs=int(regs), spill_st=int(spill.group(1)), spill_ld=int(spill.group(2)),
+    return dict(smem=k.metadata.shared, regs=int(regs), local_bytes=int(local), spill_st=int(spill.group(1)), spill_ld=int(spill.group(2)),
                 async_copy=ttgir.count("ttg.async_copy_global_to_local"),
                 tma=ttgir.count("async_tma_copy_global_to_local") + ttgir.count("ttng.async_tma"),
                 cp_async_ptx=ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),

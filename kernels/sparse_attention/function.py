@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from .._triton import interpreting, triton_usable
-from .kernel_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel
+from .._triton import fp32_dot_options, interpreting, triton_usable
+from .kernel_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _dkdv_reduce_kernel
 from .kernel_fwd import LOG2E, _fwd_kernel
 from .reference import reference_block_sparse_attention
 
@@ -69,6 +69,46 @@ def reverse_block_index(block_idx: torch.Tensor, block_count: torch.Tensor, n_kv
     return offsets.to(torch.int32).contiguous(), (sorted_key % nqb).to(torch.int32).reshape(-1).contiguous()
 
 
+# fp32 partials of split dK/dV rows live in a workspace of at most this many bytes; the chunk
+# length follows from it (a bound known on the host, so the schedule needs no device sync)
+DKDV_WORKSPACE_BYTES = 64 << 20
+MIN_DKDV_CHUNK = 16
+
+
+def dkdv_schedule(rev_off: torch.Tensor, max_entries: int, kv_sub: int, d: int, n_sub: int = 1,
+                  chunk: Optional[int] = None):
+    """Work items of the dK/dV pass: each row -- (sequence * KV head, KV block, slice of kv_sub keys;
+    n_sub slices per block) -- has its block's reverse list cut into chunks of at most `chunk`
+    entries, rows ordered longest first. Built on the device from the reverse index with no host
+    sync; `max_entries` (all list slots) bounds the item count.
+
+    Returns (item_row, item_chunk, row_chunks, row_order, row_chunks_sorted, row_item_end, chunk,
+    workspace_slots). item_row is n_rows past the last real item. A split row's items are numbered
+    before every unsplit row's (longest first), so item numbers below workspace_slots index its
+    fp32 partials: each split row has more than `chunk` entries, hence fewer than 2 * entries / chunk
+    chunks, and all of them together fewer than 2 * n_sub * max_entries / chunk."""
+    zh, nkb = rev_off.shape[0], rev_off.shape[1] - 1
+    n_rows = zh * nkb * n_sub
+    entries = n_sub * max_entries  # list entries summed over rows (each slice walks its block's list)
+    if chunk is None:
+        chunk = max(MIN_DKDV_CHUNK, -(-2 * entries * kv_sub * d * 8 // DKDV_WORKSPACE_BYTES))
+    counts = (rev_off[:, 1:] - rev_off[:, :-1])[..., None].expand(zh, nkb, n_sub).reshape(-1)
+    row_chunks = ((counts + chunk - 1) // chunk).clamp_min(1).to(torch.int32)
+    row_order = torch.argsort(counts, descending=True, stable=True)
+    row_chunks_sorted = row_chunks[row_order]
+    row_item_end = torch.cumsum(row_chunks_sorted, 0, dtype=torch.int32)
+    n_items = n_rows + -(-entries // chunk)
+    items = torch.arange(n_items, device=rev_off.device, dtype=torch.int32)
+    pos = torch.searchsorted(row_item_end, items, right=True)  # sorted position of each item's row
+    real = pos < n_rows
+    pos_c = pos.clamp_max(n_rows - 1)
+    item_row = torch.where(real, row_order[pos_c], n_rows).to(torch.int32)
+    item_chunk = torch.where(real, items - (row_item_end[pos_c] - row_chunks_sorted[pos_c]), 0).to(torch.int32)
+    workspace_slots = min(n_items, 2 * entries // chunk)
+    return (item_row, item_chunk, row_chunks, row_order.to(torch.int32), row_chunks_sorted, row_item_end, chunk,
+            workspace_slots)
+
+
 def _last_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -80,7 +120,9 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
 # (default 1; it must divide the group size). prefetch (0/1, default 0) is IDX_PREFETCH: one flat
 # loop over (block, sub-tile) steps (dK/dV: over head groups too) that reads the next step's block
 # number one iteration early, so the pipelined tile copies never wait on an index load (see
-# kernel_fwd.py); same results bit for bit.
+# kernel_fwd.py); same results bit for bit. "bwd_chunk": the most reverse-list entries one dK/dV
+# program takes (default: from DKDV_WORKSPACE_BYTES, see dkdv_schedule); "bwd_kv": keys per dK/dV
+# program (see _dkdv_kv_slice).
 CONFIG_OVERRIDE: dict = {}
 ALLOWED_HEADS_PER_PROGRAM = (1, 2, 4)
 
@@ -111,8 +153,10 @@ def _fwd_config(d: int, block: int, group: int = 1):
     """(KV sub-tile, warps, stages, heads per program, index prefetch) of the forward."""
     if interpreting():
         default = (block, 4, 1)
-    else:
-        default = (min(block, 64), 4 if block <= 64 else 8, 3)  # best of a 2-config sweep on H200 (d=128)
+    elif block <= 64 and d <= 128:
+        default = (block, 4, 3)  # best of a 2-config sweep on H200 (d=128)
+    else:  # 3 stages of a 128-key block or of 256-wide rows overflow shared memory (compile_check.py)
+        default = (min(block, 64), 8, 2)
     return _resolve_config("fwd", default, block, group)
 
 
@@ -121,8 +165,10 @@ def _dq_config(d: int, block: int, group: int = 1):
     accumulator plus q and dO tiles)."""
     if interpreting():
         default = (block, 4, 1)
-    else:
-        default = (min(block, 64), 4, 3)  # best of a 3-config sweep on H200 (d=128)
+    elif block <= 64 and d <= 128:
+        default = (block, 4, 3)  # best of a 3-config sweep on H200 (d=128)
+    else:  # fits shared memory without register spills on sm_90 (compile_check.py)
+        default = (min(block, 64), 8, 2)
     return _resolve_config("dq", default, block, group)
 
 
@@ -131,9 +177,21 @@ def _bwd_config(d: int, block: int, group: int = 1):
     fp32 accumulators of block x d)."""
     if interpreting():
         default = (block, 4, 1)
-    else:
-        default = (min(block, 64), 4 if d <= 64 else 8, 3)  # best of a 3-config sweep on H200 (d=128)
+    elif block <= 64 and d <= 128:
+        default = (block, 4 if d <= 64 else 8, 3)  # best of a 3-config sweep on H200 (d=128)
+    else:  # a 128-key block runs as two 64-key slices (_dkdv_kv_slice); this fits without spills
+        default = (32, 4, 2)
     return _resolve_config("bwd", default, block, group)
+
+
+def _dkdv_kv_slice(block: int, d: int) -> int:
+    """Keys per dK/dV program: a whole block up to 64 keys (32 at head dim 256); larger blocks are
+    split into slices that each walk the same query blocks, since two block x D fp32 accumulators
+    plus the K/V tile spill registers and overflow shared memory on an H200 (compile_check.py)."""
+    sub = CONFIG_OVERRIDE.get("bwd_kv", block if interpreting() else min(block, 64 if d <= 128 else 32))
+    if sub not in ALLOWED_BLOCKS or sub > block:
+        raise ValueError(f"CONFIG_OVERRIDE['bwd_kv'] must be one of {ALLOWED_BLOCKS} and at most the block size {block}, got {sub!r}")
+    return sub
 
 
 def _meta(q, k, cu_q, cu_k, block, block_idx):
@@ -169,7 +227,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
         sq, sk, sm_scale * LOG2E, window or 0,
         HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        HEADS_PER_PROGRAM=heads, IDX_PREFETCH=prefetch, num_warps=warps, num_stages=stages,
+        HEADS_PER_PROGRAM=heads, IDX_PREFETCH=prefetch, num_warps=warps, num_stages=stages, **fp32_dot_options(),
     )
     return o, lse
 
@@ -207,19 +265,36 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
             HQ=hq, G=hq // hkv, D=d, BLOCK=block, BLOCK_N=sub_n,
             K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
             HEADS_PER_PROGRAM=heads_q, IDX_PREFETCH=prefetch_q, num_warps=warps_q, num_stages=stages_q,
+            **fp32_dot_options(),
         )
-    _bwd_dkdv_kernel[(nkb, z * hkv)](
+    kv_sub = _dkdv_kv_slice(block, d)
+    n_sub = block // kv_sub
+    (item_row, item_chunk, row_chunks, row_order, row_chunks_sorted, row_item_end, chunk,
+     ws_slots) = dkdv_schedule(rev_off, rev_idx.numel(), kv_sub, d, n_sub, CONFIG_OVERRIDE.get("bwd_chunk"))
+    workspace = torch.empty(max(ws_slots, 1), 2, kv_sub, d, dtype=torch.float32, device=q.device)
+    n_rows = z * hkv * nkb * n_sub
+    _bwd_dkdv_kernel[(item_row.numel(),)](
         q, k, v, do, lse, delta, dk, dv, dq, rev_off, rev_idx, cu_q_arg, cu_k_arg,
+        item_row, item_chunk, row_chunks, workspace,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), rev_off.stride(0),
-        sq, sk, sm_scale * LOG2E, sm_scale, window or 0,
+        sq, sk, sm_scale * LOG2E, sm_scale, window or 0, n_rows, nkb, chunk,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, IDX_PREFETCH=prefetch, num_warps=warps, num_stages=stages,
+        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, KV_SUB=kv_sub, IDX_PREFETCH=prefetch, num_warps=warps,
+        num_stages=stages, **fp32_dot_options(),
     )
+    n_split_bound = min(n_rows, n_sub * rev_idx.numel() // chunk)  # a split row has more than `chunk` entries
+    if n_split_bound:
+        block_d = min(d, 64)
+        _dkdv_reduce_kernel[(n_split_bound, d // block_d)](
+            dk, dv, workspace, row_order, row_chunks_sorted, row_item_end, cu_k_arg,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), sk, sm_scale, nkb,
+            HKV=hkv, D=d, BLOCK=block, KV_SUB=kv_sub, BLOCK_D=block_d, VARLEN=cu_q is not None, num_warps=4,
+        )
     if atomic_dq:
         dq = dq.to(q.dtype)
     return dq, dk, dv
@@ -269,8 +344,13 @@ def sparse_attention_core(
     _check(q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window)
     for config in (_fwd_config, _dq_config, _bwd_config):  # a bad CONFIG_OVERRIDE fails before any work
         config(q.shape[-1], block_size, q.shape[1] // k.shape[1])
+    _dkdv_kv_slice(block_size, q.shape[-1])
+    chunk = CONFIG_OVERRIDE.get("bwd_chunk")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"CONFIG_OVERRIDE['bwd_chunk'] must be a positive int (reverse-list entries per dK/dV program), got {chunk!r}")
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
+    _meta(q, k, cu_seqlens_q, cu_seqlens_k, block_size, block_idx)  # too few query blocks: an error on every path
     if block_count is None:
         block_count = torch.full(block_idx.shape[:3], block_idx.shape[3], dtype=torch.int32, device=block_idx.device)
     if sm_scale is None:

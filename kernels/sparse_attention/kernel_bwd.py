@@ -1,10 +1,16 @@
 """Triton backward for block-sparse attention, without dense masks.
 
-dK/dV (Flash Sparse Attention ordering): one program per (KV block, sequence * KV head). The
-KV tile stays in registers while the program walks every query head of the GQA group and every
-query block that selected this KV block (a reverse index built from the block lists, see
-function.py), so dK/dV are accumulated once and written once: no atomics, and small GQA groups
-still fill the tensor cores along the query dimension.
+dK/dV (Flash Sparse Attention ordering): a program owns one KV block of one (sequence, KV head)
+row and one chunk of at most CHUNK entries of that block's reverse list (the query blocks that
+selected it, built from the block lists in function.py). The KV tile stays in registers while the
+program walks every query head of the GQA group and every query block of its chunk, so small GQA
+groups still fill the tensor cores along the query dimension. A block selected by few query
+blocks is one chunk: its program writes dK/dV directly. A popular block (an attention sink, a
+shared prefix: selected by every query block) is split into several chunks, so no single program
+walks the whole sequence while the rest of the GPU idles; each chunk writes an fp32 partial and
+_dkdv_reduce_kernel adds them in chunk order (fixed order: bitwise reproducible, no atomics).
+Work items come longest first (function.py sorts rows by list length), so the heavy ones start
+at once and the short ones fill in behind them.
 
 Head packing (HEADS_PER_PROGRAM, 1 = one head at a time): the dK/dV program stacks that many
 query heads' (q, dO) sub-tiles into the N dimension of s_t = K Q^T (column r is head r // BLOCK_M,
@@ -61,27 +67,36 @@ def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, o
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, REV_OFF, REV_IDX, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, REV_OFF, REV_IDX, CU_Q, CU_K, ITEM_ROW, ITEM_CHUNK, ROW_CHUNKS, WS,
     sqz, sqh, sqs, skz, skh, sks, svz, svh, svs, sdoz, sdoh, sdos, slz, slh,
     sdkz, sdkh, sdks, sdvz, sdvh, sdvs, sdqz, sdqh, sdqs, srev,
-    seqlen_q, seqlen_k, qk_scale, sm_scale, window,
+    seqlen_q, seqlen_k, qk_scale, sm_scale, window, n_rows, n_kv_blocks, chunk,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, KV_SUB: tl.constexpr,
+    IDX_PREFETCH: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid = tl.program_id(1)
+    item = tl.program_id(0)
+    # row = ((sequence * KV head) * n_kv_blocks + KV block) * (BLOCK // KV_SUB) + key slice; n_rows past the last item
+    row = tl.load(ITEM_ROW + item)
+    if row >= n_rows:
+        return
+    pid_sub = row % (BLOCK // KV_SUB)
+    pid_n = (row // (BLOCK // KV_SUB)) % n_kv_blocks
+    pid = row // (BLOCK // KV_SUB) // n_kv_blocks
     z = pid // HKV
     hkv = pid % HKV
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, z, seqlen_q, seqlen_k, VARLEN)
-    if pid_n * BLOCK >= k_len:
+    if pid_n * BLOCK + pid_sub * KV_SUB >= k_len:
         return
     if VARLEN:
         bz = z.to(tl.int64) * 0
     else:
         bz = z.to(tl.int64)
 
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    # a program owns KV_SUB keys of the block (the whole block, or a slice of a 128-key block so the
+    # two fp32 accumulators stay in registers)
+    offs_n = pid_n * BLOCK + pid_sub * KV_SUB + tl.arange(0, KV_SUB)
     offs_d = tl.arange(0, D)
     n_valid = offs_n < k_len
     kpos = offs_n * K_STRIDE + K_OFF
@@ -89,12 +104,12 @@ def _bwd_dkdv_kernel(
                 mask=n_valid[:, None], other=0.0)
     v = tl.load(V + bz * svz + hkv * svh + (k_start + offs_n)[:, None] * svs + offs_d[None, :],
                 mask=n_valid[:, None], other=0.0)
-    dk = tl.zeros([BLOCK, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dk = tl.zeros([KV_SUB, D], dtype=tl.float32)
+    dv = tl.zeros([KV_SUB, D], dtype=tl.float32)
 
     rev_row = REV_OFF + (z * HKV + hkv) * srev + pid_n
-    r0 = tl.load(rev_row)
-    r1 = tl.load(rev_row + 1)
+    r0 = tl.load(rev_row) + tl.load(ITEM_CHUNK + item) * chunk  # this program's slice of the reverse list
+    r1 = tl.minimum(tl.load(rev_row + 1), r0 + chunk)
     # column r of the stacked (q, dO) tile: head r // BLOCK_M of the current head group,
     # position r % BLOCK_M within the query sub-tile
     r = tl.arange(0, HEADS_PER_PROGRAM * BLOCK_M)
@@ -139,6 +154,58 @@ def _bwd_dkdv_kernel(
                                         offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs, qk_scale, sm_scale, window,
                                         HAS_WINDOW, ATOMIC_DQ)
 
+    if tl.load(ROW_CHUNKS + row) == 1:
+        dk = dk * sm_scale
+        tl.store(DK + bz * sdkz + hkv * sdkh + (k_start + offs_n)[:, None] * sdks + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
+        tl.store(DV + bz * sdvz + hkv * sdvh + (k_start + offs_n)[:, None] * sdvs + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+    else:
+        # fp32 partial of one chunk; items of split rows come first, so the item number is the slot
+        tile = tl.arange(0, KV_SUB)[:, None] * D + offs_d[None, :]
+        ws = WS + item.to(tl.int64) * (2 * KV_SUB * D)
+        tl.store(ws + tile, dk)
+        tl.store(ws + KV_SUB * D + tile, dv)
+
+
+@triton.jit
+def _dkdv_reduce_kernel(
+    DK, DV, WS, ROW_ORDER, ROW_CHUNKS_SORTED, ROW_ITEM_END, CU_K,
+    sdkz, sdkh, sdks, sdvz, sdvh, sdvs, seqlen_k, sm_scale, n_kv_blocks,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KV_SUB: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """dK/dV of the rows the dK/dV pass split into chunks: the sum of their fp32 partials in chunk
+    order, scaled and written in the output dtype. Program p takes the p-th longest row."""
+    p = tl.program_id(0)
+    n = tl.load(ROW_CHUNKS_SORTED + p)
+    if n <= 1:
+        return
+    first = tl.load(ROW_ITEM_END + p) - n
+    row = tl.load(ROW_ORDER + p)
+    pid_sub = row % (BLOCK // KV_SUB)
+    pid_n = (row // (BLOCK // KV_SUB)) % n_kv_blocks
+    pid = row // (BLOCK // KV_SUB) // n_kv_blocks
+    z = pid // HKV
+    hkv = pid % HKV
+    if VARLEN:
+        k_start = tl.load(CU_K + z)
+        k_len = tl.load(CU_K + z + 1) - k_start
+        bz = z.to(tl.int64) * 0
+    else:
+        k_start = z * 0
+        k_len = seqlen_k + z * 0
+        bz = z.to(tl.int64)
+    offs_n = pid_n * BLOCK + pid_sub * KV_SUB + tl.arange(0, KV_SUB)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_valid = offs_n < k_len
+    tile = tl.arange(0, KV_SUB)[:, None] * D + offs_d[None, :]
+    dk = tl.zeros([KV_SUB, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([KV_SUB, BLOCK_D], dtype=tl.float32)
+    for i in range(n):
+        ws = WS + (first + i).to(tl.int64) * (2 * KV_SUB * D)
+        dk += tl.load(ws + tile)
+        dv += tl.load(ws + KV_SUB * D + tile)
     dk = dk * sm_scale
     tl.store(DK + bz * sdkz + hkv * sdkh + (k_start + offs_n)[:, None] * sdks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=n_valid[:, None])

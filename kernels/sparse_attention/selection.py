@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import interpreting, triton_usable
+from .._triton import fp32_dot_options, interpreting, triton_usable
 from .kernel_fwd import _dot
 
 
@@ -175,6 +175,6 @@ def cmp_scores(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, block: i
         lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), out.stride(2),
         s, nc, sm_scale * 1.4426950408889634,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_C=block_c, STRIDE=stride, CMP_BLOCK=cmp_block,
-        num_warps=4, num_stages=1 if interpreting() else 2,
+        num_warps=4, num_stages=1 if interpreting() else 2, **fp32_dot_options(),
     )
     return out

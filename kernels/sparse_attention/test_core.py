@@ -80,14 +80,14 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}_hq{}_hkv{}_s{}_d{}_blk{}_sel{}".format(*c))
 def test_core_matches_reference(case, dtype):
     b, hq, hkv, s, d, block, maxsel = case
-    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(hash(case) % 1000)
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = random_lists(b, hkv, -(-s // block), maxsel, gen)
     check_against_reference(q, k, v, idx, cnt, block, dtype)
 
 
 def test_deterministic_backward_is_bitwise_reproducible_and_matches():
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
     b, hq, hkv, s, d, block = 1, 4, 1, 90, 64, 16
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = random_lists(b, hkv, -(-s // block), 4, gen)
@@ -101,7 +101,7 @@ def test_deterministic_backward_is_bitwise_reproducible_and_matches():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_atomic_dq_variant(dtype):
     """The opt-in backward that adds dQ with atomics from the dK/dV pass."""
-    gen = torch.Generator().manual_seed(7)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(7)
     b, hq, hkv, s, d, block = 1, 8, 2, 110, 64, 16
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = random_lists(b, hkv, -(-s // block), 3, gen)
@@ -112,7 +112,7 @@ def test_atomic_dq_variant(dtype):
 
 def test_empty_rows_and_short_lists():
     """Lists without the diagonal, some empty: those rows give 0 output, -inf LSE, no NaN."""
-    gen = torch.Generator().manual_seed(2)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(2)
     b, hq, hkv, s, d, block = 1, 2, 2, 80, 64, 16
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = random_lists(b, hkv, -(-s // block), 3, gen, with_diagonal=False)
@@ -124,7 +124,7 @@ def test_empty_rows_and_short_lists():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_packed_varlen(dtype):
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
     lens = [37, 80, 16, 61]
     hq, hkv, d, block = 4, 2, 64, 16
     total = sum(lens)
@@ -141,7 +141,7 @@ def test_packed_varlen(dtype):
 
 def test_window_and_compressed_key_positions():
     """Token-exact window mask, and keys placed at n*stride+offset (NSA's compressed keys)."""
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(4)
     b, hq, hkv, s, d, block, window = 1, 4, 2, 120, 64, 16, 40
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = window_block_lists(s, block, window)
@@ -159,7 +159,7 @@ def test_window_and_compressed_key_positions():
 
 
 def test_reverse_index_lists_every_selection_once():
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
     idx, cnt = random_lists(2, 3, 9, 4, gen)
     off, rev = reverse_block_index(idx, cnt, 9)
     for r in range(6):
@@ -171,7 +171,7 @@ def test_reverse_index_lists_every_selection_once():
 
 
 def test_public_entry_defaults_and_errors():
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(6)
     q, k, v = torch.randn(1, 2, 40, 64, generator=gen), torch.randn(1, 1, 40, 64, generator=gen), torch.randn(1, 1, 40, 64, generator=gen)
     idx = torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1)  # diagonal blocks only
     out, lse = block_sparse_attention(q, k, v, idx, block_size=16, return_lse=True)
@@ -209,7 +209,7 @@ PACKED_CASES = [
 @pytest.mark.parametrize("case,heads,sub_tile,diagonal", PACKED_CASES)
 def test_packed_heads_match_reference(case, heads, sub_tile, diagonal, dtype, monkeypatch):
     b, hq, hkv, s, d, block, maxsel = case
-    gen = torch.Generator().manual_seed(hash((case, heads)) % 1000)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(hash((case, heads)) % 1000)
     q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = random_lists(b, hkv, -(-s // block), maxsel, gen, with_diagonal=diagonal)
     pack_heads(monkeypatch, block, heads, sub_tile)
@@ -218,7 +218,7 @@ def test_packed_heads_match_reference(case, heads, sub_tile, diagonal, dtype, mo
 
 def test_packed_heads_varlen_window_and_atomic_dq(monkeypatch):
     """Two heads per program with packed sequences + a token window, and with the atomic-dQ backward."""
-    gen = torch.Generator().manual_seed(8)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(8)
     lens = [37, 50, 16]
     hq, hkv, d, block, window = 4, 2, 32, 16, 24
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -235,7 +235,7 @@ def test_packed_heads_varlen_window_and_atomic_dq(monkeypatch):
 
 
 def test_heads_per_program_must_divide_group(monkeypatch):
-    gen = torch.Generator().manual_seed(9)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(9)
     q, k, v = torch.randn(1, 6, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen)
     idx, cnt = random_lists(1, 2, 3, 2, gen)
     monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd", (16, 4, 1, 2))  # group size 3
@@ -263,7 +263,7 @@ def test_index_prefetch_matches_reference_and_default_loops(case, heads, sub_til
     """IDX_PREFETCH=1 (flat loops, block numbers read one step early) against the fp64 reference,
     and bit for bit against the default loops (same arithmetic in the same order)."""
     b, hq, hkv, s, d, block, maxsel = case
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(11)
     cu = None
     if window is None:
         q, k, v = (torch.randn(b, h, s, d, generator=gen) for h in (hq, hkv, hkv))
@@ -289,9 +289,95 @@ def test_index_prefetch_matches_reference_and_default_loops(case, heads, sub_til
 
 
 def test_prefetch_flag_must_be_0_or_1(monkeypatch):
-    gen = torch.Generator().manual_seed(12)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(12)
     q, k, v = torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen)
     idx, cnt = random_lists(1, 2, 3, 2, gen)
     monkeypatch.setitem(fn.CONFIG_OVERRIDE, "dq", (16, 4, 1, 1, 2))
     with pytest.raises(ValueError, match=r"prefetch \(CONFIG_OVERRIDE\['dq'\]\[4\]\) must be 0 or 1, got 2"):
         sparse_attention_core(q, k, v, idx, cnt, 16)
+
+
+def sink_lists(z, h, nqb, maxsel, gen):
+    """Random causal lists where every query block also selects KV block 0 (an attention sink):
+    block 0's reverse list is the whole sequence, the row the dK/dV split exists for."""
+    idx, cnt = random_lists(z, h, nqb, maxsel - 1, gen)
+    sink = torch.zeros(z, h, nqb, 1, dtype=idx.dtype)
+    has_sink = (idx == 0) & (torch.arange(idx.shape[-1]) < cnt[..., None])
+    idx = torch.cat([idx, sink], -1)
+    # append block 0 where the list lacks it (entries must stay distinct)
+    extra = ~has_sink.any(-1)
+    last = torch.where(extra, cnt, idx.shape[-1] - 1).long()
+    idx.scatter_(-1, last[..., None], torch.where(extra, 0, idx.gather(-1, last[..., None]).squeeze(-1))[..., None])
+    return idx, (cnt + extra.int()).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("prefetch,varlen,kv_slice", [(0, False, 16), (1, True, 32), (1, False, 32), (0, True, 16)],
+                         ids=["loops-batch-halfblock", "prefetch-varlen-block", "prefetch-batch-block", "loops-varlen-halfblock"])
+def test_split_dkdv_rows_match_reference_and_are_bitwise_reproducible(dtype, prefetch, varlen, kv_slice, monkeypatch):
+    """A popular KV block's reverse list cut into chunks of 2 entries (fp32 partials, then the
+    fixed-order reduce), with whole 32-key blocks or 16-key slices per program: same gradients as
+    the reference, identical bits on a second run, and within rounding of the unsplit pass."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(21 + prefetch + 2 * varlen)
+    hq, hkv, d, block = 4, 2, 64, 32
+    monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd_kv", kv_slice)
+    if varlen:
+        lens = [70, 33, 130]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        b, s, n_seq, nqb = 1, sum(lens), len(lens), -(-max(lens) // block)
+    else:
+        cu, b, s = None, 2, 141
+        n_seq, nqb = b, -(-s // block)
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = sink_lists(n_seq, hkv, nqb, 4, gen)
+    if varlen:
+        for z, n in enumerate(lens):
+            cnt[z, :, -(-n // block):] = 0
+    for key in ("fwd", "dq", "bwd"):
+        monkeypatch.setitem(fn.CONFIG_OVERRIDE, key, (block, 4, 1, 1, prefetch))
+    monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd_chunk", 2)
+    torch.manual_seed(0)
+    _, split = check_against_reference(q, k, v, idx, cnt, block, dtype, cu=cu)
+    torch.manual_seed(0)
+    _, again = check_against_reference(q, k, v, idx, cnt, block, dtype, cu=cu)
+    assert all(torch.equal(a, c) for a, c in zip(split, again))
+    monkeypatch.delitem(fn.CONFIG_OVERRIDE, "bwd_chunk")
+    torch.manual_seed(0)
+    _, whole = check_against_reference(q, k, v, idx, cnt, block, dtype, cu=cu)
+    assert torch.equal(split[0], whole[0])  # dQ has its own pass
+    for a, c in zip(split[1:], whole[1:]):
+        assert rel(a, c) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_dkdv_schedule_covers_every_entry_once_longest_first():
+    gen = torch.Generator(torch.get_default_device()).manual_seed(22)
+    idx, cnt = sink_lists(2, 3, 11, 5, gen)
+    off, rev = reverse_block_index(idx, cnt, 11)
+    chunk = 2
+    item_row, item_chunk, row_chunks, order, chunks_sorted, item_end, chunk, slots = fn.dkdv_schedule(
+        off, rev.numel(), 16, 64, 2, chunk)  # two key slices per block
+    n_rows = off.shape[0] * 11 * 2
+    counts = (off[:, 1:] - off[:, :-1]).repeat_interleave(2, dim=1).reshape(-1)
+    real = item_row < n_rows
+    assert not real[real.sum():].any()  # padding items only at the end
+    pairs = sorted(zip(item_row[real].tolist(), item_chunk[real].tolist()))
+    want = sorted((r, c) for r in range(n_rows) for c in range(max(1, -(-int(counts[r]) // chunk))))
+    assert pairs == want
+    assert (counts[item_row[real].long()].diff() <= 0).all()  # longest rows first
+    split_items = (row_chunks[item_row[real].long()] > 1).nonzero().flatten()
+    assert split_items.numel() > 0 and int(split_items.max()) < slots
+
+
+@pytest.mark.parametrize("block", fn.ALLOWED_BLOCKS)
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
+def test_every_block_and_head_dim_runs_with_default_launch_configs(block, d, device):
+    """Each (block size, head dim) the API accepts runs with its default launch configs (on an H200
+    these must fit the shared memory: 232448 bytes per block) and matches the reference in bf16 with
+    GQA 2. Under the CPU interpreter only the small combinations run (the rest cost minutes there)."""
+    if device.type == "cpu" and block * d > 64 * 64:
+        pytest.skip("large tiles take minutes under the interpreter; they run on the GPU")
+    gen = torch.Generator(torch.get_default_device()).manual_seed(block + d)
+    b, hq, hkv, s = 1, 4, 2, 2 * block + 5
+    q, k, v = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    idx, cnt = sink_lists(b, hkv, -(-s // block), 3, gen)
+    check_against_reference(q, k, v, idx, cnt, block, torch.bfloat16)

@@ -15,6 +15,12 @@ def one_intra_op_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    """Every sparsity test runs on the root conftest's `device` (the GPU when present)."""
+    yield
+
+
 @pytest.fixture
 def tiny_llama():
     """Factory: a 2-layer Llama small enough for CPU tests (in_features divisible by 8)."""

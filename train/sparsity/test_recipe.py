@@ -17,6 +17,9 @@ from sparsetron.configs.schema.model import ModelConfig
 from sparsetron.train.model import Llama
 from sparsetron.train.sparsity import DistillConfig, Distiller, Sparsifier, SparsityConfig, make_teacher, verify_nm
 
+# The Markov data and the recipe's quality check are CPU-side; the N:M kernels have their own GPU tests.
+pytestmark = pytest.mark.cpu
+
 V, S = 16, 32
 _table = torch.Generator().manual_seed(1234)
 P2 = (torch.randn(V, V, V, generator=_table) * 2.5).softmax(-1)  # a few likely successors per context

@@ -10,7 +10,7 @@ from sparsetron.train.sparsity import NMSparseLinear, Sparsifier, SparsityConfig
 
 
 def _tokens(seed, b=4, s=12, v=32):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return torch.randint(0, v, (b, s), generator=g), torch.randint(0, v, (b, s), generator=g)
 
 
