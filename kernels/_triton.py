@@ -17,8 +17,10 @@ def triton_usable(*tensors: torch.Tensor) -> bool:
 
 
 def fp32_dot_options() -> dict:
-    """Launch option for tl.dot on fp32 operands, following PyTorch's own matmul policy:
+    """The DOT_PRECISION constexpr every kernel with a tl.dot takes (tl.dot's input_precision; a
+    launch-level default is not consulted by tl.dot, so it is passed explicitly), following
+    PyTorch's own matmul policy:
     TF32 tensor cores only where `torch.backends.cuda.matmul.allow_tf32` (or
     `torch.set_float32_matmul_precision("high")`) allows them for torch.matmul, exact fp32 ("ieee")
     otherwise. bf16/fp16 operands are unaffected. The interpreter always computes in fp32."""
-    return {"default_dot_input_precision": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}
+    return {"DOT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"}

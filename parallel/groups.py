@@ -16,7 +16,6 @@ groups of size 1 are kept as `None` only in the single-process case."""
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 
 from .runtime import Runtime
@@ -165,10 +164,3 @@ class DeepSpeedMPU:
 
     def get_sequence_data_parallel_group(self):
         return self.g.dp_group
-
-
-def all_reduce_(t: torch.Tensor, group, size: int, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce that is a no-op for a group of one (or no group at all)."""
-    if size > 1:
-        dist.all_reduce(t, op=op, group=group)
-    return t

@@ -90,7 +90,7 @@ def _join_shards(per_file: Dict[tuple, Dict[str, torch.Tensor]], tp: int, pp: in
     """per_file[(tp_rank, pp_rank, ep_rank)] -> the full model (experts joined over ep, then tp)."""
     full: Dict[str, torch.Tensor] = {}
     for p in range(pp):
-        for name, t0 in per_file[(0, p, 0)].items():
+        for name in per_file[(0, p, 0)]:
             def over_ep(t, name=name):
                 if ep == 1 or not is_expert(name, per_file[(t, p, 0)][name]):
                     return per_file[(t, p, 0)][name]

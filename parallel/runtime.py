@@ -50,7 +50,7 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 def init_runtime(device: str = "auto", backend: str = "auto", timeout_s: Optional[float] = None) -> Runtime:
-    from sparsetron.launch.slurm_env import apply_slurm_env
+    from sparsetron.parallel.slurm_env import apply_slurm_env
     from sparsetron.train.resilience import dist_timeout
 
     apply_slurm_env()  # ranks started by srun/submitit without torchrun; a no-op under torchrun

@@ -1,7 +1,7 @@
 """Every layout trains like one process: the first 5 losses, grad norms, an eval loss and the final
 weights (consolidated from all shards) match a single-process run on the same global batches.
 
-One torchrun job per world size runs many layouts in sequence (sparsetron.parallel.testing), so
+One torchrun job per world size runs many layouts in sequence (sparsetron.tests.parallel_harness), so
 process start-up is paid once. CPU, gloo, fp32."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsetron.parallel.runtime import Runtime
-from sparsetron.parallel.testing import run_layout
+from sparsetron.tests.parallel_harness import run_layout
 
 STEPS = 5
 # Tolerances: no layout is bit-equal in general (a split matmul or an all-reduce sums in another
@@ -52,7 +52,7 @@ FOUR_RANKS = {
 def _torchrun_layouts(tmp_path, nproc, layouts, timeout=600):
     out = tmp_path / f"results{nproc}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "sparsetron.parallel.testing", str(out), json.dumps(list(layouts.items())), str(STEPS)]
+           "-m", "sparsetron.tests.parallel_harness", str(out), json.dumps(list(layouts.items())), str(STEPS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -85,7 +85,7 @@ def _compare(name, got, ref):
 
 @pytest.fixture(scope="module")
 def reference_with_initial(reference):
-    from sparsetron.parallel.testing import compose_layout
+    from sparsetron.tests.parallel_harness import compose_layout
     from sparsetron.train.model import Llama
 
     cfg = compose_layout([])
@@ -163,7 +163,7 @@ def test_zero3_nvme_offload_matches_one_process(tmp_path, reference_with_initial
 def test_expert_parallel_moe_matches_one_process(tmp_path):
     """EP=2 (carved out of DP=2): experts sharded, tokens exchanged by all-to-all; the expert
     gradients reduce over the expert-dp group; the consolidated experts equal one process's."""
-    from sparsetron.parallel.testing import compose_layout
+    from sparsetron.tests.parallel_harness import compose_layout
     from sparsetron.train.model import Llama
 
     moe = ["model.mlp=moe", "moe.implementation=torch"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsetron.parallel.pipeline import free_other_stages, local_stage_parts, to_device_except_meta
-from sparsetron.parallel.testing import compose_layout
+from sparsetron.tests.parallel_harness import compose_layout
 from sparsetron.train.model import Llama
 
 

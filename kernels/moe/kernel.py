@@ -60,6 +60,7 @@ def up_swiglu_kernel(
     NUM_EXPERTS, K, F,
     stride_xm, stride_we, stride_wn, stride_hm, stride_am,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(F, BLOCK_N)
@@ -85,8 +86,8 @@ def up_swiglu_kernel(
         bu = tl.load(wu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if DOT_FP32:  # see the module docstring (interpreter bf16 dot)
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -110,6 +111,7 @@ def grouped_gemm_kernel(
     stride_am, stride_be, stride_bk, stride_bn, stride_cm,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     """c[dest[r]] = scale[r] * a[r] @ B[e] for the expert-sorted rows r of each tile (B[e] is K x N
     through strides, so both W2^T and W1 are read in place)."""
@@ -134,7 +136,7 @@ def grouped_gemm_kernel(
         b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if HAS_SCALE:
@@ -179,6 +181,7 @@ def down_bwd_swiglu_kernel(
     NUM_EXPERTS, F, K, NUM_ASSIGN,
     stride_dym, stride_we, stride_wk, stride_hm, stride_dhm, stride_awm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     """dact = dy[token] @ W2[e]  (W2[e] is D x F, read with K = D), then in the epilogue:
     router-weight grad partial <dact, act>, dH = SwiGLU'(H) * weight * dact, and weight * act."""
@@ -204,7 +207,7 @@ def down_bwd_swiglu_kernel(
         b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
     omask = rmask[:, None] & cmask[None, :]
@@ -232,6 +235,7 @@ def expert_wgrad_kernel(
     NI, NJ, stride_lm, stride_rm, stride_oe, stride_oi,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     """out[e] = sum over expert e's rows r of  L[row_l(r)]^T (outer) R[row_r(r)]  (NI x NJ), where a
     gathered side reads row sorted_token[r] of the token-indexed tensor. Experts with no rows
@@ -265,6 +269,6 @@ def expert_wgrad_kernel(
         rt = tl.load(r_ptr + rrow[:, None] * stride_rm + jj[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
         if DOT_FP32:
             lt, rt = lt.to(tl.float32), rt.to(tl.float32)
-        acc = tl.dot(tl.trans(lt), rt, acc)
+        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=DOT_PRECISION)
     o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + ii[:, None].to(tl.int64) * stride_oi + jj[None, :]
     tl.store(o_ptrs, _cast(acc, out_ptr, DOT_FP32), mask=imask[:, None] & jmask[None, :])

@@ -20,6 +20,7 @@ def _inputs(dtype, out=24, inp=32, bias=True):
     return x, w, b, nm_mask(w, 2, 4)
 
 
+@pytest.mark.cpu  # the CPU path's own fallback and its message
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["srste", "fixed"])
 def test_cpu_fallback_equals_masked_dense(mode, dtype, caplog):

@@ -7,10 +7,12 @@ from ..rope.reference import apply_rope_qk_reference
 
 
 def cases(device: torch.device, batch: int = 4, seq: int = 2048, q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128):
-    from sparsetron.train.model.rope import rope_tables
     from ..benchmark_dense_kernels import Case
 
-    cos, sin = (t.to(device) for t in rope_tables(head_dim, seq, 500000.0))
+    # Llama-3 tables (theta 5e5, no scaling), built here: kernels/ imports nothing from the model
+    inv_freq = 500000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)
+    cos, sin = angles.cos().float().to(device), angles.sin().float().to(device)
 
     def inputs():
         q = torch.randn(batch, seq, q_heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)

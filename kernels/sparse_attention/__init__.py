@@ -1,4 +1,5 @@
-"""Trainable block-sparse attention (Triton): the block-sparse core, NSA, MoBA, sliding window.
+"""Trainable block-sparse attention (Triton): the block-sparse core and the block selection ops.
+The NSA / MoBA / sliding-window layers that use it live in sparsetron.train.model.sparse_attention.
 
     from sparsetron.kernels.sparse_attention import block_sparse_attention
     out = block_sparse_attention(q, k, v, block_idx, block_count, block_size=64)

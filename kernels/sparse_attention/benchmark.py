@@ -245,7 +245,6 @@ def kernel_split(report, s, hkv, device, save, reps=5):
     per query block: shows whether dK/dV still has a long tail on popular blocks."""
     from torch.profiler import ProfilerActivity, profile
 
-    g = HQ // hkv
     q = torch.randn(1, HQ, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, hkv, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, hkv, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -149,38 +149,49 @@ def _resolve_config(key: str, default: tuple, block: int, group: int):
     return min(sub, block), warps, stages, heads, bool(prefetch)
 
 
-def _fwd_config(d: int, block: int, group: int = 1):
+# Defaults for block <= 64, head dim <= 128 come from the 32K config sweep on an H200 (benchmark.py,
+# bf16, d=128, block 64, GQA 4; the unpacked winner where the GQA group does not divide): query heads
+# of a GQA group packed into one program where the group allows it, for 16-bit inputs only (fp32
+# tiles of packed programs overflow shared memory).
+
+
+def _packs(group: int, heads: int, elem_bytes: int) -> bool:
+    return elem_bytes <= 2 and group % heads == 0
+
+
+def _fwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
     """(KV sub-tile, warps, stages, heads per program, index prefetch) of the forward."""
     if interpreting():
         default = (block, 4, 1)
     elif block <= 64 and d <= 128:
-        default = (block, 4, 3)  # best of a 2-config sweep on H200 (d=128)
-    else:  # 3 stages of a 128-key block or of 256-wide rows overflow shared memory (compile_check.py)
-        default = (min(block, 64), 8, 2)
+        default = (block, 8, 3, 4) if _packs(group, 4, elem_bytes) else (block, 4, 3)
+    else:  # 3 stages of a 128-key block or of 256-wide rows overflow shared memory (compile_check.py);
+        # the flat loop holds one sub-tile's buffers, not a whole block's, per stage
+        default = (min(block, 64), 8, 2, 1, int(d > 128))
     return _resolve_config("fwd", default, block, group)
 
 
-def _dq_config(d: int, block: int, group: int = 1):
+def _dq_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
     """(KV sub-tile, warps, stages, heads per program, index prefetch) of the dQ kernel (fp32 dQ
     accumulator plus q and dO tiles)."""
     if interpreting():
         default = (block, 4, 1)
     elif block <= 64 and d <= 128:
-        default = (block, 4, 3)  # best of a 3-config sweep on H200 (d=128)
-    else:  # fits shared memory without register spills on sm_90 (compile_check.py)
-        default = (min(block, 64), 8, 2)
+        default = (block, 8, 3, 2) if _packs(group, 2, elem_bytes) else (block, 4, 3, 1, 1)
+    else:  # fits shared memory without register spills on sm_90 (compile_check.py); flat loop as in fwd
+        default = (min(block, 64 if d <= 128 else 32), 8, 2, 1, int(d > 128))
     return _resolve_config("dq", default, block, group)
 
 
-def _bwd_config(d: int, block: int, group: int = 1):
+def _bwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
     """(query sub-tile, warps, stages, heads per program, index prefetch) of the dK/dV kernel (two
     fp32 accumulators of block x d)."""
     if interpreting():
         default = (block, 4, 1)
     elif block <= 64 and d <= 128:
-        default = (block, 4 if d <= 64 else 8, 3)  # best of a 3-config sweep on H200 (d=128)
+        default = (block, 4 if d <= 64 else 8, 3, 1, 1)
     else:  # a 128-key block runs as two 64-key slices (_dkdv_kv_slice); this fits without spills
-        default = (32, 4, 2)
+        default = (32, 4, 2, 1, int(d > 128))
     return _resolve_config("bwd", default, block, group)
 
 
@@ -214,7 +225,7 @@ def _forward(q, k, v, idx, cnt, block, cu_q, cu_k, window, sm_scale, key_stride,
     z, nqb, _ = _meta(q, k, cu_q, cu_k, block, idx)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((zq, hq, sq), dtype=torch.float32, device=q.device)
-    sub_n, warps, stages, heads, prefetch = _fwd_config(d, block, hq // hkv)
+    sub_n, warps, stages, heads, prefetch = _fwd_config(d, block, hq // hkv, q.element_size())
     dummy = cnt  # any int32 tensor stands in for absent cu_seqlens
     grid = (nqb, z * hq // heads)
     _fwd_kernel[grid](
@@ -237,8 +248,8 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
     zq, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     z, nqb, nkb = _meta(q, k, cu_q, cu_k, block, idx)
-    sub_n, warps_q, stages_q, heads_q, prefetch_q = _dq_config(d, block, hq // hkv)
-    sub_m, warps, stages, heads, prefetch = _bwd_config(d, block, hq // hkv)
+    sub_n, warps_q, stages_q, heads_q, prefetch_q = _dq_config(d, block, hq // hkv, q.element_size())
+    sub_m, warps, stages, heads, prefetch = _bwd_config(d, block, hq // hkv, q.element_size())
     do = _last_contig(do)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -343,7 +354,7 @@ def sparse_attention_core(
         raise ValueError("atomic_dq=True is not deterministic; pass deterministic=False with it")
     _check(q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window)
     for config in (_fwd_config, _dq_config, _bwd_config):  # a bad CONFIG_OVERRIDE fails before any work
-        config(q.shape[-1], block_size, q.shape[1] // k.shape[1])
+        config(q.shape[-1], block_size, q.shape[1] // k.shape[1], q.element_size())
     _dkdv_kv_slice(block_size, q.shape[-1])
     chunk = CONFIG_OVERRIDE.get("bwd_chunk")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):

@@ -40,7 +40,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, offs_d, n_valid, kpos, q_len,
-               sqs, sdos, sdqs, qk_scale, sm_scale, window, HAS_WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               sqs, sdos, sdqs, qk_scale, sm_scale, window, HAS_WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK/dV contributions of the (stacked) query rows offs_m; the *_base pointers already hold each
     row's head. Returns the new (dk, dv); with ATOMIC_DQ also adds these rows' dQ."""
     m_valid = offs_m < q_len
@@ -50,17 +50,17 @@ def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, o
     # rows that saw no key have lse -inf; +inf makes their p exactly 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
-    s_t = _dot(k, tl.trans(q)) * qk_scale
+    s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
     keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
     if HAS_WINDOW:
         keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
     p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-    dv += _dot(p_t.to(do.dtype), do)
-    dp_t = _dot(v, tl.trans(do))
+    dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
+    dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q)
+    dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
     if ATOMIC_DQ:
-        dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * sm_scale
+        dq = _dot(tl.trans(ds_t.to(k.dtype)), k, DOT_PRECISION) * sm_scale
         tl.atomic_add(dq_base + offs_m[:, None] * sdqs + offs_d[None, :], dq, mask=m_valid[:, None])
     return dk, dv
 
@@ -75,6 +75,7 @@ def _bwd_dkdv_kernel(
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, KV_SUB: tl.constexpr,
     IDX_PREFETCH: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     item = tl.program_id(0)
     # row = ((sequence * KV head) * n_kv_blocks + KV block) * (BLOCK // KV_SUB) + key slice; n_rows past the last item
@@ -132,7 +133,7 @@ def _bwd_dkdv_kernel(
                 DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos, LSE + bz * slz + head * slh + q_start,
                 DELTA + bz * slz + head * slh + q_start, DQ + bz * sdqz + head[:, None] * sdqh + q_start * sdqs,
                 qb * BLOCK + (t % SUB) * BLOCK_M + r_pos, offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs,
-                qk_scale, sm_scale, window, HAS_WINDOW, ATOMIC_DQ)
+                qk_scale, sm_scale, window, HAS_WINDOW, ATOMIC_DQ, DOT_PRECISION)
             # advance to step t + 1: next query block after the last sub-tile, next head group after the last block
             j = tl.where((t + 1) % SUB == 0, j + 1, j)
             wrap = j == r1
@@ -152,7 +153,7 @@ def _bwd_dkdv_kernel(
                 for c in tl.static_range(0, BLOCK, BLOCK_M):
                     dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, qb * BLOCK + c + r_pos,
                                         offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs, qk_scale, sm_scale, window,
-                                        HAS_WINDOW, ATOMIC_DQ)
+                                        HAS_WINDOW, ATOMIC_DQ, DOT_PRECISION)
 
     if tl.load(ROW_CHUNKS + row) == 1:
         dk = dk * sm_scale
@@ -215,21 +216,21 @@ def _dkdv_reduce_kernel(
 
 @triton.jit
 def _dq_tile(q, do, lse2, delta, dq, k_base, v_base, n0, offs_m, m_valid, offs_d, k_len, sks, svs, qk_scale, window,
-             BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr):
+             BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ contribution (unscaled) of keys n0 .. n0 + BLOCK_N - 1, added to dq."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_valid = offs_n < k_len
     k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    s = _dot(q, tl.trans(k)) * qk_scale
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
     kpos = offs_n * K_STRIDE + K_OFF
     keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
     if HAS_WINDOW:
         keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v))
+    dp = _dot(do, tl.trans(v), DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.to(k.dtype), k)
+    return dq + _dot(ds.to(k.dtype), k, DOT_PRECISION)
 
 
 @triton.jit
@@ -241,6 +242,7 @@ def _bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -280,14 +282,14 @@ def _bwd_dq_kernel(
         kb = tl.load(idx_base, mask=cnt > 0, other=0)
         for t in range(cnt * SUB):
             dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, kb * BLOCK + (t % SUB) * BLOCK_N, offs_m, m_valid,
-                          offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+                          offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW, DOT_PRECISION)
             kb = tl.load(idx_base + (t + 1) // SUB, mask=t + 1 < cnt * SUB, other=0)
     else:
         for i in range(cnt):
             kb = tl.load(idx_base + i)
             for c in tl.static_range(0, BLOCK, BLOCK_N):
                 dq = _dq_tile(q, do, lse2, delta, dq, k_base, v_base, kb * BLOCK + c, offs_m, m_valid, offs_d, k_len,
-                              sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+                              sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW, DOT_PRECISION)
 
     dq = dq * sm_scale
     tl.store(DQ + bz * sdqz + row_head * sdqh + rows * sdqs + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -33,11 +33,12 @@ DOT_UPCAST = tl.constexpr(interpreting())
 
 
 @triton.jit
-def _dot(a, b):
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with the fp32 operand precision the launch chose (kernels/_triton.py: fp32_dot_options)."""
     if DOT_UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
     return out
 
 LOG2E = 1.4426950408889634
@@ -69,12 +70,12 @@ def _stacked_rows(pid_m, h0, BLOCK: tl.constexpr, HEADS: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n0, offs_m, offs_d, k_len, sks, svs, qk_scale, window,
-              BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr):
+              BLOCK_N: tl.constexpr, K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over keys n0 .. n0 + BLOCK_N - 1; returns the new (m_i, l_i, acc)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_valid = offs_n < k_len
     k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    s = _dot(q, tl.trans(k)) * qk_scale
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
     kpos = offs_n * K_STRIDE + K_OFF
     keep = n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
     if HAS_WINDOW:
@@ -86,7 +87,7 @@ def _fwd_tile(q, m_i, l_i, acc, k_base, v_base, n0, offs_m, offs_d, k_len, sks, 
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -99,6 +100,7 @@ def _fwd_kernel(
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HEADS_PER_PROGRAM: tl.constexpr, IDX_PREFETCH: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -133,7 +135,7 @@ def _fwd_kernel(
         kb = tl.load(idx_base, mask=cnt > 0, other=0)
         for t in range(cnt * SUB):
             m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kb * BLOCK + (t % SUB) * BLOCK_N, offs_m,
-                                      offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+                                      offs_d, k_len, sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW, DOT_PRECISION)
             # block number of step t + 1, read one iteration before the copies that need it
             kb = tl.load(idx_base + (t + 1) // SUB, mask=t + 1 < cnt * SUB, other=0)
     else:
@@ -141,7 +143,7 @@ def _fwd_kernel(
             kb = tl.load(idx_base + i)
             for c in tl.static_range(0, BLOCK, BLOCK_N):
                 m_i, l_i, acc = _fwd_tile(q, m_i, l_i, acc, k_base, v_base, kb * BLOCK + c, offs_m, offs_d, k_len,
-                                          sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW)
+                                          sks, svs, qk_scale, window, BLOCK_N, K_STRIDE, K_OFF, HAS_WINDOW, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

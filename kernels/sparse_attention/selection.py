@@ -128,6 +128,7 @@ def _cmp_scores_kernel(
     seq_len, n_cmp, qk_scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
     STRIDE: tl.constexpr, CMP_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr = "ieee",
 ):
     pid_m = tl.program_id(0)
     pid = tl.program_id(1)
@@ -149,7 +150,7 @@ def _cmp_scores_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_valid = offs_c < n_vis
             kc = tl.load(KC + z * skz + hkv * skh + offs_c[:, None] * sks + offs_d[None, :], mask=c_valid[:, None], other=0.0)
-            s = _dot(q, tl.trans(kc)) * qk_scale
+            s = _dot(q, tl.trans(kc), DOT_PRECISION) * qk_scale
             keep = m_valid[:, None] & c_valid[None, :] & ((offs_c * STRIDE + CMP_BLOCK - 1)[None, :] <= offs_m[:, None])
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
             # read-modify-write of this program's own row: deterministic, no atomics

@@ -14,10 +14,10 @@ MLP: Dict[str, Callable] = {}
 
 # Modules that register on import; imported lazily so the dense path never pulls in Triton.
 _PLUGINS = {
-    ("attention", "nsa"): "sparsetron.kernels.sparse_attention.modules",
-    ("attention", "moba"): "sparsetron.kernels.sparse_attention.modules",
-    ("attention", "sliding_window"): "sparsetron.kernels.sparse_attention.modules",
-    ("mlp", "moe"): "sparsetron.kernels.moe.layer",
+    ("attention", "nsa"): "sparsetron.train.model.sparse_attention.modules",
+    ("attention", "moba"): "sparsetron.train.model.sparse_attention.modules",
+    ("attention", "sliding_window"): "sparsetron.train.model.sparse_attention.modules",
+    ("mlp", "moe"): "sparsetron.train.model.moe.layer",
 }
 
 

@@ -1,7 +1,8 @@
 """N:M sparse fine-tuning with SquareHead distillation (issue 6). See sparsify.py for the
 trainer protocol; kernels live in sparsetron.kernels.nm_sparse."""
 
-from .config import DEFAULT_LAYERS, DistillConfig, SparsityConfig
+from sparsetron.configs.schema.sparsity import DEFAULT_LAYERS, DistillConfig, SparsityConfig
+
 from .report import format_report, sparsity_report, verify_nm
 from .sparsify import NMSparseLinear, Sparsifier, gradual_n, select_layers
 from .squarehead import Distiller, SquareHeadLoss, make_teacher

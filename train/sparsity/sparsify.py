@@ -37,9 +37,10 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from sparsetron.configs.schema.sparsity import SparsityConfig
 from sparsetron.kernels.nm_sparse import nm_linear, nm_mask, semi_structured_unavailable
 from sparsetron.kernels.nm_sparse.semi_structured import compute_dtype, pack_2to4
-from .config import SparsityConfig
+
 from .wanda import collect_input_norms, wanda_scores
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DistillConfig
+from sparsetron.configs.schema.sparsity import DistillConfig
 
 _EPS = 1e-12  # guards MSE(h_t, 0) of an all-zero block output
 

@@ -69,7 +69,7 @@ def test_shape_errors():
         loss(torch.randn(1, 2, 3), torch.randn(1, 2, 3), [torch.randn(1, 2, 3)], [])
 
 
-def test_distiller_on_tiny_llama(tiny_llama):
+def test_distiller_on_tiny_llama(tiny_llama, device):
     student = tiny_llama()
     teacher = make_teacher(student)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -79,8 +79,10 @@ def test_distiller_on_tiny_llama(tiny_llama):
     out = Distiller(teacher, cfg)(student, tokens, targets)
     # identical weights: nothing to distil, the loss is the task CE alone
     assert out["kl"].item() == pytest.approx(0.0, abs=1e-6)
-    assert out["squarehead"].item() == pytest.approx(0.0, abs=1e-10)
-    assert out["loss"].item() == pytest.approx(student(tokens, targets).item(), rel=1e-6)
+    # bitwise-equal block outputs on the CPU; on a GPU the frozen teacher's no-grad forward may take
+    # other attention/matmul kernels than the student's, so equal up to fp32 rounding
+    assert out["squarehead"].item() == pytest.approx(0.0, abs=1e-10 if device.type == "cpu" else 1e-4)
+    assert out["loss"].item() == pytest.approx(student(tokens, targets).item(), rel=1e-6 if device.type == "cpu" else 1e-4)
     with torch.no_grad():
         student.layers[0].mlp.up_proj.weight.mul_(0.5)
     out = Distiller(teacher, cfg)(student, tokens, targets)

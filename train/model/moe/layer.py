@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsetron.kernels.moe.function import IMPLEMENTATIONS, moe_experts, resolve_implementation
 from sparsetron.train.model.mlp import SwiGLU
 from sparsetron.train.model.registry import register_mlp
 
 from .expert_parallel import ep_moe_experts
-from .function import IMPLEMENTATIONS, moe_experts, resolve_implementation
 from .router import Router
 
 

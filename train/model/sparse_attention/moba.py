@@ -7,11 +7,12 @@ per query block and KV head (MoBA gates per token; one list per block keeps whol
 Small blocks (16, 32) are supported, which is where FlashMoBA finds MoBA's quality.
 """
 
+from sparsetron.kernels.sparse_attention.function import sparse_attention_core
+from sparsetron.kernels.sparse_attention.reference import reference_block_sparse_attention
+from sparsetron.kernels.sparse_attention.selection import moba_select, window_block_lists
 from sparsetron.train.model.attention import SelfAttention
-from .function import sparse_attention_core
+
 from .nsa import _field, check_block, check_positive
-from .reference import reference_block_sparse_attention
-from .selection import moba_select, window_block_lists
 
 
 class MoBAAttention(SelfAttention):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sparsetron.kernels.moe.router import Router, round_expert_counts
+from sparsetron.kernels.moe.token_rounding import round_expert_counts
+from sparsetron.train.model.moe.router import Router
 
 
 def _router(**kw):

@@ -1,7 +1,7 @@
 """Parity harness: train a few steps at several layouts inside one set of processes and record the
 losses and the full (consolidated) final weights, for comparison with one process.
 
-    torchrun --nproc-per-node=4 -m sparsetron.parallel.testing OUT.pt LAYOUT_JSON [STEPS]
+    torchrun --nproc-per-node=4 -m sparsetron.tests.parallel_harness OUT.pt LAYOUT_JSON [STEPS]
 
 LAYOUT_JSON is a JSON list of [name, [hydra overrides...]]. Every layout trains the same model
 (same seed) on the same synthetic global batches, which each data-parallel rank splits as the

@@ -16,10 +16,16 @@ per token: that is what lets the selected branch run as dense tiles on the block
 import torch
 from torch import nn
 
+from sparsetron.kernels.sparse_attention.function import ALLOWED_BLOCKS, sparse_attention_core
+from sparsetron.kernels.sparse_attention.reference import reference_block_sparse_attention
+from sparsetron.kernels.sparse_attention.selection import (
+    cmp_scores,
+    cmp_scores_reference,
+    compressed_block_lists,
+    nsa_select,
+    window_block_lists,
+)
 from sparsetron.train.model.attention import SelfAttention
-from .function import ALLOWED_BLOCKS, sparse_attention_core
-from .reference import reference_block_sparse_attention
-from .selection import cmp_scores, cmp_scores_reference, compressed_block_lists, nsa_select, window_block_lists
 
 COMPRESS_KINDS = ("mean", "learned")
 

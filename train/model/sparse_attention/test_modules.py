@@ -10,8 +10,6 @@ import torch
 from sparsetron.configs.schema.attention import AttentionConfig
 from sparsetron.configs.schema.model import ModelConfig
 from sparsetron.kernels.sparse_attention.function import sparse_attention_core
-from sparsetron.kernels.sparse_attention.moba import MoBAAttention, SlidingWindowAttention
-from sparsetron.kernels.sparse_attention.nsa import NSAAttention
 from sparsetron.kernels.sparse_attention.reference import block_lists_to_mask, reference_block_sparse_attention
 from sparsetron.kernels.sparse_attention.selection import (
     cmp_scores,
@@ -21,6 +19,8 @@ from sparsetron.kernels.sparse_attention.selection import (
     nsa_select,
 )
 from sparsetron.train.model import Llama, get_attention
+from sparsetron.train.model.sparse_attention.moba import MoBAAttention, SlidingWindowAttention
+from sparsetron.train.model.sparse_attention.nsa import NSAAttention
 from sparsetron.train.model.rope import rope_tables
 
 
@@ -38,7 +38,7 @@ def test_compressed_lists_cover_exactly_the_visible_keys():
 
 
 def test_cmp_scores_kernel_matches_dense():
-    gen = torch.Generator().manual_seed(10)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(10)
     b, hq, hkv, s, d, block, stride, cb = 2, 4, 2, 90, 32, 16, 4, 8
     n_cmp = (s - cb) // stride + 1
     q = torch.randn(b, hq, s, d, generator=gen)
@@ -57,7 +57,7 @@ def test_cmp_scores_kernel_matches_dense():
 
 
 def test_nsa_select_forced_causal_and_topn():
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(11)
     nqb, n_cmp, block, stride, cb, n_sel = 9, 33, 16, 4, 8, 4
     imp = torch.rand(2, 3, nqb, n_cmp, generator=gen)
     idx, cnt = nsa_select(imp, nqb * block, block, stride, cb, n_sel)
@@ -78,7 +78,7 @@ def test_nsa_select_forced_causal_and_topn():
 
 
 def test_moba_select_matches_brute_force():
-    gen = torch.Generator().manual_seed(12)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(12)
     b, hq, hkv, s, d, block, top_k = 1, 4, 2, 75, 16, 16, 2
     q, k = torch.randn(b, hq, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
     idx, cnt = moba_select(q, k, block, top_k)
@@ -172,7 +172,7 @@ def test_cpu_fallback_without_triton(monkeypatch):
     """Plain CPU without the interpreter goes through the reference, same numbers."""
     import sparsetron.kernels.sparse_attention.function as fn
 
-    gen = torch.Generator().manual_seed(13)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(13)
     q, k, v = torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 1, 40, 16, generator=gen), torch.randn(1, 1, 40, 16, generator=gen)
     idx = torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1)
     tri, _ = sparse_attention_core(q, k, v, idx, None, 16)

@@ -14,7 +14,7 @@ from typing import Callable, List
 import torch
 import torch.distributed as dist
 
-from .routing import Routing, routing_from_topk
+from sparsetron.kernels.moe.routing import Routing, routing_from_topk
 
 
 class _AllToAll(torch.autograd.Function):

@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, impls):
-    from sparsetron.kernels.moe.layer import MoEMLP
+    from sparsetron.train.model.moe.layer import MoEMLP
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -64,5 +64,5 @@ def test_ep2_matches_ep1():
         impls.append(("triton", False))
     # Children unpickle the worker by module name, and pytest's importlib mode gives this file a
     # private one, so hand them the worker of the package module (TRITON_INTERPRET is inherited).
-    worker = importlib.import_module("sparsetron.kernels.moe.test_expert_parallel")._worker
+    worker = importlib.import_module("sparsetron.train.model.moe.test_expert_parallel")._worker
     mp.spawn(worker, args=(2, _free_port(), impls), nprocs=2, join=True)

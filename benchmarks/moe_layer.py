@@ -5,12 +5,15 @@ TFLOP/s counts the expert GEMMs only: 6*A*d*ffn forward (A = routed assignments,
 top-k) and 3x that for forward+backward. Also: time, peak memory, activation bytes per token
 (memory held between forward and backward), and token rounding vs plain top-k at a skewed routing.
 
-  python -m sparsetron.kernels.moe.benchmark [--out moe.json] [--quick] [--sweep]
+  python benchmarks/moe_layer.py [--out moe.json] [--quick] [--sweep]
+  (or python -m sparsetron.benchmarks.moe_layer; it benchmarks the model layer, so it lives here and
+  not in kernels/moe/, which imports nothing above the kernels)
 """
 
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 
@@ -18,10 +21,13 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from .function import default_blocks, moe_experts
-from .grouped_mm_anchor import grouped_mm_available, moe_experts_grouped_mm
-from .reference import moe_experts_reference
-from .router import Router
+if __package__ in (None, ""):  # run as a script: make `sparsetron` importable from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from sparsetron.kernels.moe.function import default_blocks, moe_experts  # noqa: E402
+from sparsetron.kernels.moe.grouped_mm_anchor import grouped_mm_available, moe_experts_grouped_mm  # noqa: E402
+from sparsetron.kernels.moe.reference import moe_experts_reference  # noqa: E402
+from sparsetron.train.model.moe.router import Router  # noqa: E402
 
 SHAPES = [  # (tokens, dim, ffn, experts, k): SonicMoE / ScatterMoE settings
     (16384, 1536, 256, 128, 8),
@@ -246,7 +252,7 @@ def sweep(t, d, f, e, k, res, dump):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "moe.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "moe.json"))
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-expert loop anchor")
