@@ -287,17 +287,26 @@ def test_calibration_from_run_dirs_recovers_known_efficiencies(tmp_path):
 def test_harness_runs_cpu_layouts_and_writes_json_and_pngs(tmp_path):
     """Three of cpu_smoke's layouts (~30 s); the full matrix is the command in benchmarks/scaling/README.md."""
     out = tmp_path / "scaling_test.json"
+    peak_tflops = 0.05  # a given peak (a CPU has no datasheet one): the trainer then logs MFU against it
     proc = subprocess.run([sys.executable, str(SCALING / "run.py"), "--matrix", "cpu_smoke", "--out", str(out),
-                           "--runs-root", str(tmp_path / "runs"), "--only", "w1_single,w2_ddp,w2_ddp_weak"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--runs-root", str(tmp_path / "runs"), "--only", "w1_single,w2_ddp,w2_ddp_weak",
+                           "--peak-tflops", str(peak_tflops)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["kind"] == "measured" and [r["status"] for r in report["runs"]] == ["ok"] * 3
     by_name = {r["name"]: r["metrics"] for r in report["runs"]}
     assert by_name["w1_single"]["comm_s"] == 0.0  # one process: no collectives
     assert by_name["w2_ddp"]["comm_s"] > 0.0  # DDP gradient all-reduce through the comm hook
-    for m in by_name.values():
-        assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1.5 and m["peak_mem_gib"] > 0 and m["steps_used"] == 10
+    run = _load("run")
+    for r in report["runs"]:
+        m = r["metrics"]
+        assert m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0 and m["steps_used"] == 10
+        # the trainer's MFU (logging.peak_tflops passed through) is the harness's flops accounting of the
+        # run's own config over the given peak of all its ranks: no MFU bound is asserted on a CPU
+        fpt = run.flops_per_token(str(ROOT / r["run_dir"]))
+        expected = fpt * m["tokens_per_s"] / (r["layout"]["world"] * peak_tflops * 1e12)
+        assert m["mfu"] == pytest.approx(expected, rel=1e-6), r["name"]
+        assert m["mfu_peak"] == f"logging.peak_tflops={peak_tflops} (given)"
     assert [r["world"] for r in report["scaling"]["strong"]["ddp"]] == [1, 2]
     assert [r["world"] for r in report["scaling"]["weak"]["ddp"]] == [1, 2]
     assert len(report["calibration"]["rows"]) == 3 and report["probe"]["matmul_flops"] > 0
@@ -343,6 +352,18 @@ def test_loss_match_compares_the_first_common_steps_and_flags_missing_references
     assert out["a"]["steps"] == [1, 2] and out["a"]["max_abs_diff"] == pytest.approx(0.01)
     assert out["a"]["max_rel_diff"] == pytest.approx(0.01 / 9.0)
     assert "missing" in out["b"]["status"] and "missing" in out["c"]["status"] and "ref" not in out
+
+
+def test_mfu_is_asked_of_the_trainer_only_with_a_given_peak():
+    """No CPU MFU from a made-up peak: the runs get logging.peak_tflops only when --peak-tflops is given
+    (on GPUs the trainer uses its datasheet table), and the harness computes no MFU of its own."""
+    matrices, run = _load("matrices"), _load("run")
+    m = matrices.get("cpu_smoke")
+    lay = m.layouts[0]
+    assert not any(o.startswith("logging.peak_tflops") for o in run.run_overrides(m, lay, "/x"))
+    assert run.run_overrides(m, lay, "/x", peak_tflops=312.0)[-1] == "logging.peak_tflops=312.0"
+    with pytest.raises(SystemExit):
+        run.main(["--matrix", "cpu_smoke", "--peak-tflops", "0"])
 
 
 def test_layout_comm_timer_overrides_the_harness_flag():

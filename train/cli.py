@@ -34,7 +34,7 @@ def _app(cfg: DictConfig) -> None:
         summary = train(cfg)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))  # 2: input; 74: a save's I/O failed; 65: non-finite (diverged)
     if summary.get("preempted"):
         from .resilience import REQUEUE_EXIT_CODE
 

@@ -17,12 +17,21 @@ def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
-    """Linear warmup over warmup_steps, then cosine/linear decay to lr*min_lr_ratio (or constant)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """The learning rate of update number k = step + 1 (step is 0-based) out of T = max_steps, with
+    W = warmup_steps: k <= W warms up linearly, lr * k / W (the W-th update is the one at the peak);
+    after warmup the k-th update decays with progress (k - W) / (T - W), so the last update (k = T)
+    lands exactly on the floor lr * min_lr_ratio. Without warmup the first update is the peak one:
+    progress (k - 1) / (T - 1). "constant" keeps the peak after warmup."""
+    k, warmup = step + 1, cfg.warmup_steps
+    if k <= warmup:
+        return cfg.lr * k / warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = min((step - cfg.warmup_steps) / max(max_steps - cfg.warmup_steps, 1), 1.0)
+    if warmup:
+        progress = (k - warmup) / max(max_steps - warmup, 1)
+    else:
+        progress = (k - 1) / max(max_steps - 1, 1)
+    progress = min(progress, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - floor) * progress

@@ -11,8 +11,8 @@ It then writes one JSON (device, versions, layouts, per-run metrics, scaling tab
 calibration), weak / strong scaling PNGs next to it, and prints a table last.
 
 CPU matrices first probe the machine (probe.py: matmul FLOP/s, copy bandwidth, gloo all-reduce
-latency and bandwidth) to build the perf model's Cluster; MFU on CPU is against that measured
-matmul peak. Then perf_model.calibrate fits compute and communication efficiency to the measured
+latency and bandwidth) to build the perf model's Cluster. MFU is the trainer's: against the GPU's
+datasheet bf16 peak, or `--peak-tflops` (passed on as logging.peak_tflops); none on CPU unless given. Then perf_model.calibrate fits compute and communication efficiency to the measured
 step times and the JSON records predicted vs measured per layout.
 
 Why one launch per layout and not one Hydra multirun: README.md in this folder.
@@ -54,9 +54,11 @@ def launch_command(layout: matrices.Layout) -> List[str]:
             "-m", "sparsetron.train"]
 
 
-def run_overrides(matrix: matrices.Matrix, layout: matrices.Layout, run_dir: str) -> List[str]:
+def run_overrides(matrix: matrices.Matrix, layout: matrices.Layout, run_dir: str,
+                  peak_tflops: Optional[float] = None) -> List[str]:
+    peak = [f"logging.peak_tflops={peak_tflops}"] if peak_tflops else []
     return [*matrix.base, *layout.overrides(), f"train.max_steps={layout.steps or matrix.steps}",
-            f"name=scaling-{matrix.name}-{layout.name}", f"hydra.run.dir={run_dir}"]
+            f"name=scaling-{matrix.name}-{layout.name}", f"hydra.run.dir={run_dir}", *peak]
 
 
 def run_env(matrix: matrices.Matrix, comm_timer: bool, layout: Optional[matrices.Layout] = None) -> dict:
@@ -113,11 +115,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int) -> dict:
+def run_layout(matrix, layout, run_dir: str, comm_timer: bool, timeout: int, peak_tflops: Optional[float] = None) -> dict:
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # metrics.jsonl is appended to: a stale one would mix runs
     os.makedirs(run_dir)
-    cmd = launch_command(layout) + run_overrides(matrix, layout, run_dir)
+    cmd = launch_command(layout) + run_overrides(matrix, layout, run_dir, peak_tflops)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with open(os.path.join(run_dir, "launch.log"), "w") as log:
@@ -356,15 +358,13 @@ def print_table(report: dict) -> None:
 def _one_repeat(matrix, lay, run_dir: str, probe, args) -> dict:
     rep = {"run_dir": os.path.relpath(run_dir, REPO)}
     if not args.collect_only:
-        rep["launch"] = run_layout(matrix, lay, run_dir, not args.no_comm_timer, args.timeout)
+        rep["launch"] = run_layout(matrix, lay, run_dir, not args.no_comm_timer, args.timeout, args.peak_tflops)
         if rep["launch"]["rc"] != 0:
             return {**rep, "status": f"failed (rc {rep['launch']['rc']})", "log_tail": _log_tail(run_dir)}
     try:
         m = collect.run_metrics(run_dir, warmup=matrix.warmup)
     except (ValueError, OSError) as err:
         return {**rep, "status": "failed", "error": str(err), "log_tail": _log_tail(run_dir)}
-    if m["mfu"] is None and probe is not None:  # CPU: against the probed matmul peak
-        m["mfu"] = flops_per_token(run_dir) * m["tokens_per_s"] / (lay.world * probe["matmul_flops"])
     return {**rep, "status": "ok", "metrics": m}
 
 
@@ -389,8 +389,9 @@ def measure_layout(matrix, lay, runs_root: str, probe, args) -> dict:
         tps = [g["tokens_per_s"] for g in good]
         m["repeats_ok"] = len(good)
         m["tokens_per_s_spread"] = (max(tps) - min(tps)) / m["tokens_per_s"]
-        if probe is not None:
-            m["mfu_peak"] = "probe.matmul_flops (fp32, one thread per rank)"
+        if m.get("mfu") is not None:  # the trainer's MFU: only where a peak is known or given
+            m["mfu_peak"] = (f"logging.peak_tflops={args.peak_tflops} (given)" if args.peak_tflops
+                             else "datasheet dense bf16 (train/metrics.py PEAK_BF16)")
         entry["metrics"], entry["status"] = m, "ok" if len(good) == len(reps) else f"ok ({len(good)}/{len(reps)})"
         entry["run_dir"] = next(r["run_dir"] for r in reps if r["status"] == "ok")  # config for calibration
     if not args.collect_only:
@@ -412,6 +413,9 @@ def main(argv=None) -> int:
                     help="do not set SPARSETRON_COMM_TIMER=1 (no comm_s; on GPU the timer's syncs cost time)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run before it is killed")
     ap.add_argument("--repeats", type=int, default=1, help="runs per layout (medians over them; shows the noise)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="MFU denominator per GPU/rank (logging.peak_tflops); default: the GPU's datasheet peak, "
+                         "no MFU on CPU")
     args = ap.parse_args(argv)
     try:
         matrix = matrices.get(args.matrix)
@@ -420,6 +424,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--timeout must be >= 1, got {args.timeout}")
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        if args.peak_tflops is not None and args.peak_tflops <= 0:
+            raise ValueError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     except ValueError as err:
         ap.error(str(err))
     out = os.path.abspath(args.out or os.path.join(REPO, "benchmarks", "results", f"scaling_{matrix.name}.json"))

@@ -19,7 +19,8 @@ from .train import TrainConfig
 class Config:
     name: str = "default"  # run name: the run directory is runs/<name> unless run_dir is set
     run_dir: str = "${hydra:runtime.output_dir}"
-    resume: str = "none"  # none | auto (latest complete checkpoint in the run dir) | a checkpoint path
+    resume: str = "none"  # none | auto (newest checkpoint in the run dir that verifies) | a checkpoint path
+    overwrite: bool = False  # a new run (resume=none) may replace an old one in the run dir: it is moved aside, never deleted
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

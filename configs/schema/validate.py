@@ -23,19 +23,26 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(field, f"got {value}, must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _switch(field: str, value: Any, words: tuple) -> None:
+    """A true/false field that also takes words (auto, ...): typed Any in the schema, so checked here
+    (1 or "yes" would otherwise pass as truthy)."""
+    if not (isinstance(value, bool) or value in words):
+        raise ConfigError(field, f"got {value!r}, allowed: true, false, {', '.join(words)}")
+
+
 def _model(m) -> None:
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
-    if m.dim % m.n_heads:
-        raise ConfigError("model.n_heads", f"model.dim={m.dim} is not divisible by n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError("model.n_heads", f"head_dim={m.dim // m.n_heads} must be even for RoPE")
+    from .model import check_model_fields
+
+    check_model_fields(m, ConfigError)  # head width and RoPE scaling (configs/schema/model.py)
     if m.n_heads % m.n_kv_heads:
         raise ConfigError("model.n_kv_heads", f"n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
     _choice("model.mlp", m.mlp, ["swiglu", "moe"])
     _choice("model.activation_checkpointing", m.activation_checkpointing, ["none", "attention", "selective", "full"])
+    _switch("model.fused_kernels", m.fused_kernels, ("auto", "loss"))
 
 
 def _moe(m) -> None:
@@ -53,7 +60,11 @@ def _moe(m) -> None:
 
 
 def _data(d) -> None:
-    _choice("data.source", d.source, ["stdlib", "text", "memmap"])
+    _choice("data.source", d.source, ["stdlib", "pycode", "text", "memmap", "prepared"])
+    if d.source == "prepared":
+        from .data import check_sources
+
+        check_sources(d)
     _choice("data.memmap_dtype", d.memmap_dtype, ["uint16", "uint32"])
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError("data.val_fraction", f"got {d.val_fraction}, must be in (0, 1)")
@@ -91,15 +102,10 @@ def _train(t, m) -> None:
         raise ConfigError("train.seq_len", f"got {t.seq_len}, must be <= model.max_seq_len={m.max_seq_len}")
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _choice("train.precision", t.precision, ["auto", "bf16", "fp32"])
+    _switch("train.compile", t.compile, ("auto",))
     if t.init_from and not os.path.isdir(os.path.expanduser(t.init_from)):
         raise ConfigError("train.init_from", f"{t.init_from!r} is not a directory; give a sparsetron checkpoint "
                           f"(runs/<name>/checkpoints/step_XXXXXXXX) or a Hugging Face Llama folder")
-
-
-def data_parallel_size(p, world_size: int) -> int:
-    from sparsetron.parallel.legality import data_parallel_size as dp_size
-
-    return dp_size(p, world_size)
 
 
 def _parallel(cfg, world_size: Optional[int]) -> None:
@@ -121,6 +127,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _parallel(cfg, world_size)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("logging.log_every", cfg.logging.log_every)
+    _logging(cfg.logging)
     if cfg.sparsity.enabled:
         p = cfg.parallel
         if p.tp > 1 or p.pp > 1 or p.ep > 1 or p.zero_stage > 0:
@@ -134,6 +141,18 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     if cfg.resume not in ("none", "auto") and not os.path.isdir(os.path.expanduser(cfg.resume)):
         raise ConfigError("resume", f"{cfg.resume!r} is not a checkpoint directory; use none, auto or a path")
+
+
+def _logging(lg) -> None:
+    if lg.peak_tflops is not None:
+        _positive("logging.peak_tflops", lg.peak_tflops)
+    if lg.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            from sparsetron.train.metrics import TENSORBOARD_MISSING
+
+            raise ConfigError("logging.tensorboard", TENSORBOARD_MISSING)
 
 
 def _sparsity(s) -> None:

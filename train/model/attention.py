@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetron.configs.schema.model import fused_blocks, head_dim_of
+
 from .registry import register_attention
 from .rope import apply_rope
 
@@ -17,14 +19,14 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = head_dim_of(cfg)  # model.head_dim, else dim // n_heads
         self.layer_idx = layer_idx
         self.attn_cfg = attn_cfg
         self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.fused = cfg.fused_kernels
+        self.fused = fused_blocks(cfg)
         self.checkpoint_core = False  # set by the activation-checkpointing policy "attention"
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -10,10 +10,12 @@ from torch import nn
 
 from . import attention as _attention  # noqa: F401  (registers "dense")
 from . import mlp as _mlp  # noqa: F401  (registers "swiglu")
+from sparsetron.configs.schema.model import fused_blocks, fused_loss
+
 from .checkpointing import apply_policy, run_block
 from .norm import RMSNorm
 from .registry import get_attention, get_mlp
-from .rope import rope_tables
+from .rope import model_rope_tables
 
 
 class Block(nn.Module):
@@ -23,7 +25,7 @@ class Block(nn.Module):
         self.attn = get_attention(getattr(attn_cfg, "kind", "dense"))(cfg, attn_cfg, layer_idx)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = get_mlp(cfg.mlp)(cfg, moe_cfg, layer_idx)
-        self.fused = cfg.fused_kernels
+        self.fused = fused_blocks(cfg)
         self.checkpoint = "none"  # block-level policy (selective | full), set by checkpointing.apply_policy
         self.checkpoint_context_fn = None
 
@@ -45,8 +47,8 @@ class Block(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg, attn_cfg=None, moe_cfg=None):
         super().__init__()
-        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-            raise ValueError("model.dim must divide by model.n_heads, and n_heads by n_kv_heads")
+        if (not getattr(cfg, "head_dim", None) and cfg.dim % cfg.n_heads) or cfg.n_heads % cfg.n_kv_heads:
+            raise ValueError("model.dim must divide by model.n_heads (or set model.head_dim), and n_heads by n_kv_heads")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, attn_cfg, moe_cfg, i) for i in range(cfg.n_layers))
@@ -54,7 +56,7 @@ class Llama(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)  # rope_theta, head_dim and the rope_* scaling (rope.py)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         apply_policy(self, cfg.activation_checkpointing)  # none | attention | selective | full
@@ -103,7 +105,7 @@ class Llama(nn.Module):
         h = self.hidden(tokens, hidden_states)
         if targets is None:
             out = self.head(h)
-        elif self.cfg.fused_kernels:  # chunked: the (tokens, vocab) logits never exist in full
+        elif fused_loss(self.cfg):  # chunked: the (tokens, vocab) logits never exist in full
             from sparsetron.kernels.linear_cross_entropy import linear_cross_entropy
 
             out = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten(), ignore_index=-100)

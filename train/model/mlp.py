@@ -2,6 +2,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetron.configs.schema.model import fused_blocks
+
 from .registry import register_mlp
 
 
@@ -25,4 +27,4 @@ class SwiGLU(nn.Module):
 
 @register_mlp("swiglu")
 def _dense(cfg, moe_cfg, layer_idx):
-    return SwiGLU(cfg.dim, cfg.ffn_dim, cfg.fused_kernels)
+    return SwiGLU(cfg.dim, cfg.ffn_dim, fused_blocks(cfg))
