@@ -10,6 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
+from sparsetron.configs.schema.model import head_dim_of
+
 # Datasheet dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, per GPU, matched in this order as
 # case-insensitive substrings of torch.cuda.get_device_name(): the more specific names come first.
 PEAK_BF16 = (
@@ -49,8 +51,9 @@ def gpu_peak_flops(name: str) -> Optional[float]:
 
 
 def flops_per_token(cfg, seq_len: int, num_params: int, embedding_params: int) -> float:
-    """PaLM appendix B: 6 N (N without the embedding table) + 12 L d S for attention (training)."""
-    return 6.0 * (num_params - embedding_params) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    """PaLM appendix B: 6 N (N without the embedding table) + 12 L H d_head S for attention (training);
+    H d_head is the model width unless the config sets its own head_dim."""
+    return 6.0 * (num_params - embedding_params) + 12.0 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len
 
 
 def parameter_counts(model_cfg, attn_cfg=None, moe_cfg=None) -> Dict[str, int]:

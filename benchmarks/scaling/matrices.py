@@ -98,7 +98,9 @@ CPU_SMOKE = Matrix(
 # ---------------------------------------------------------------------------------------- GPU
 # Definitions for 1 -> 8 GPUs of one node (not run here: no GPU on the build machine, and the lent
 # GPU image has no hydra/deepspeed). model=1b (~1.2B, d=2048, 16 layers, GQA 16/8), 2048 tokens.
-GPU_BASE = ("model=1b", "train.seq_len=2048", "train.device=cuda", "train.precision=bf16", *QUIET)
+# eager, unfused: the recorded multi-GPU points were measured so (auto would compile and fuse on CUDA)
+GPU_BASE = ("model=1b", "train.seq_len=2048", "train.device=cuda", "train.precision=bf16", "train.compile=false",
+            "model.fused_kernels=false", *QUIET)
 SP = ("parallel.sequence_parallel=true",)
 MOE_1B = ("model.mlp=moe", "moe.num_experts=8", "moe.top_k=2", "moe.expert_ffn_dim=2048")
 GB = 64  # strong scaling: 64 x 2048 tokens per step at every GPU count
