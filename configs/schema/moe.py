@@ -19,3 +19,16 @@ class MoEConfig:
     tile_m: int = 128
     norm_topk_prob: Optional[bool] = None  # renormalise the top-k weights; None: yes unless softmax with k=1
     implementation: str = "auto"  # auto | triton | torch (reference) | grouped_mm (argsort + torch._grouped_mm)
+    # GShard/Switch token dropping: each expert keeps its best-scored ceil(capacity_factor * T * k / E)
+    # assignments, the rest pass through the residual. 0 = off. Exclusive with token_rounding.
+    capacity_factor: float = 0.0
+
+
+def check_moe_fields(m, error) -> None:
+    """Capacity-factor checks; `error(field, message)` builds the exception (ConfigError)."""
+    if not m.capacity_factor >= 0:  # also refuses NaN
+        raise error("moe.capacity_factor", f"got {m.capacity_factor}, must be >= 0 (0 = no token dropping)")
+    if m.capacity_factor > 0 and m.token_rounding:
+        raise error("moe.capacity_factor", f"got {m.capacity_factor} with moe.token_rounding=true: both set the "
+                    "per-expert counts (capacity caps them, rounding snaps them to moe.tile_m); set "
+                    "moe.capacity_factor=0 or moe.token_rounding=false")

@@ -6,7 +6,10 @@ that group and tokens move by all-to-all (expert_parallel.py).
 
 After every forward: ``self.aux_loss`` (scalar tensor or None; the model adds it to the loss) and
 ``self.last_stats`` (detached tensors: expert_load, tokens_dropped, tokens_added,
-experts_per_token, and balance_loss / z_loss / expert_bias when those are on).
+experts_per_token, and balance_loss / z_loss / expert_bias when those are on;
+dropped_assignment_fraction / dropped_token_fraction with moe.capacity_factor > 0). Under expert
+parallel the capacity counts the tokens of this rank (each rank routes its own batch, as GShard's
+per-group capacity does).
 """
 
 from typing import Optional
@@ -64,6 +67,7 @@ class MoEMLP(nn.Module):
             token_rounding=moe_cfg.token_rounding,
             tile_m=moe_cfg.tile_m,
             norm_topk_prob=getattr(moe_cfg, "norm_topk_prob", None),
+            capacity_factor=getattr(moe_cfg, "capacity_factor", 0.0),
         )
         self.gate_up_proj = StackedExpertWeight(e, 2 * f, dim)  # rows [0, F) gate, [F, 2F) up
         self.down_proj = StackedExpertWeight(e, dim, f)

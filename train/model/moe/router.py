@@ -7,9 +7,13 @@ Load balancing is a config choice:
     training forward the bias moves by ``bias_lr * sign(mean_load - load_e)``.
   * "none".
 The router z-loss  coef * mean(logsumexp(logits)^2)  is added whenever z_loss_coef > 0.
+Capacity factor (GShard / Switch token dropping): with capacity_factor > 0 every expert keeps at
+most ceil(capacity_factor * T * k / E) of the assignments that chose it, the best by router score;
+the rest are dropped (see capacity_mask).
 Routing runs in fp32 with tensor ops only (no host loop over experts).
 """
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -42,6 +46,36 @@ class _FP32Logits(torch.autograd.Function):
         return dx, dw
 
 
+def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """GShard/Switch capacity: ceil(capacity_factor * T * k / E) assignments per expert. Rounded to
+    9 decimals first so float noise (1.1 * 10 = 11.000000000000002) does not add a slot. Host
+    arithmetic on shapes only: no device sync."""
+    return math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9))
+
+
+def capacity_mask(score: torch.Tensor, topk_mask: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(T, E) mask of the assignments that survive: per expert, the ``capacity`` best-scored of the
+    tokens that selected it (ties: the lower token index wins); the rest of topk_mask is dropped.
+
+    One top-``capacity`` over the (E, T) matrix of int64 keys: the score's float bits made
+    order-preserving in the high 32 bits and the reversed token index in the low 32, so every key
+    of an expert row is distinct and the kept set does not depend on how topk breaks ties.
+    Unselected pairs get the lowest key; if one is picked (fewer than ``capacity`` selected) the
+    gather from topk_mask keeps it off."""
+    t, e = score.shape
+    if capacity >= t:  # no expert can hold more than T tokens: nothing to drop
+        return topk_mask
+    # (+ 0.0 turns -0.0 into +0.0, so equal values always tie)
+    bits = (score.detach().float().t() + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude is smaller
+    rev_token = torch.arange(t - 1, -1, -1, device=score.device, dtype=torch.int64)
+    sel = topk_mask.t()
+    key = torch.where(sel, bits * (1 << 32) + rev_token, torch.iinfo(torch.int64).min)
+    best = torch.topk(key, capacity, dim=1).indices  # (E, capacity)
+    keep = torch.zeros_like(sel).scatter_(1, best, sel.gather(1, best))
+    return keep.t()
+
+
 class Router(nn.Module):
     def __init__(
         self,
@@ -56,6 +90,7 @@ class Router(nn.Module):
         token_rounding: bool = False,
         tile_m: int = 128,
         norm_topk_prob: Optional[bool] = None,
+        capacity_factor: float = 0.0,
     ):
         super().__init__()
         if score_func not in SCORE_FUNCS:
@@ -66,10 +101,16 @@ class Router(nn.Module):
             raise ValueError(f"moe.top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if tile_m < 1:
             raise ValueError(f"moe.tile_m must be >= 1, got {tile_m}")
+        if not capacity_factor >= 0:  # also refuses NaN
+            raise ValueError(f"moe.capacity_factor must be >= 0 (0 = no token dropping), got {capacity_factor}")
+        if capacity_factor > 0 and token_rounding:
+            raise ValueError("moe.capacity_factor > 0 and moe.token_rounding=true are exclusive: both move "
+                             "per-expert counts (capacity caps them, rounding snaps them to tile_m); pick one")
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.load_balancing = score_func, load_balancing
         self.aux_loss_coef, self.z_loss_coef, self.bias_lr = aux_loss_coef, z_loss_coef, bias_lr
         self.token_rounding, self.tile_m = token_rounding, tile_m
+        self.capacity_factor = float(capacity_factor)
         # Renormalising the k weights of one expert (k=1 softmax) would make them all 1 and cut the
         # router off from the main loss, so that case defaults to raw probabilities.
         if norm_topk_prob is None:
@@ -94,6 +135,7 @@ class Router(nn.Module):
 
         topk_counts = torch.zeros(e, device=x.device).scatter_add_(0, topk_idx.reshape(-1), torch.ones(t * k, device=x.device))
         stats: Dict[str, torch.Tensor] = {}
+        capacity = expert_capacity(self.capacity_factor, t, k, e) if self.capacity_factor > 0 else t
         if self.token_rounding:
             topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
             mask = token_rounding_mask(select.detach(), topk_mask, self.tile_m)
@@ -101,14 +143,34 @@ class Router(nn.Module):
             routing = routing_from_mask(mask, weight)
             stats["tokens_dropped"] = (topk_mask & ~mask).sum().detach()
             stats["tokens_added"] = (mask & ~topk_mask).sum().detach()
+        elif capacity < t:
+            topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
+            # Ranked by the router probability (Switch / V-MoE priority). The aux-free bias is one
+            # constant per expert, so ranking by select would keep the same tokens.
+            mask = capacity_mask(scores, topk_mask, capacity)
+            # A token that lost some assignments keeps the others at their top-k weights, without
+            # renormalising (Switch); one that lost all gets zero MoE output: the residual carries it.
+            weight = scores / denom if denom is not None else scores
+            routing = routing_from_mask(mask, weight)
+            dropped = (topk_mask & ~mask).sum().detach()
+            stats["tokens_dropped"] = dropped
+            stats["tokens_added"] = torch.zeros((), dtype=torch.int64, device=x.device)
+            stats["dropped_assignment_fraction"] = dropped.float() / (t * k)
+            stats["dropped_token_fraction"] = (~mask.any(1)).sum().float().detach() / t
         else:
             routing = routing_from_topk(topk_idx, topk_w, e)
             zero = torch.zeros((), dtype=torch.int64, device=x.device)
             stats["tokens_dropped"], stats["tokens_added"] = zero, zero
+            if self.capacity_factor > 0:  # on, but the capacity (>= T) cannot bind at this batch size
+                stats["dropped_assignment_fraction"] = torch.zeros((), device=x.device)
+                stats["dropped_token_fraction"] = torch.zeros((), device=x.device)
         load = routing.counts.float()
         stats["expert_load"] = load.detach()
         stats["experts_per_token"] = (load.sum() / max(t, 1)).detach()
 
+        # The balance loss and the aux-free bias see the router's choice before capacity dropping
+        # (topk_counts, probs of all tokens), as Switch computes its aux loss: they steer the router
+        # towards balance, which is what makes fewer assignments overflow the capacity.
         aux = None
         if self.load_balancing == "aux_loss" and self.aux_loss_coef > 0:
             probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
