@@ -17,13 +17,18 @@
 #   MAX_RESTARTS   torchrun worker restarts; keep 0 under Slurm (Slurm requeues)   [0]
 #   RUN_DIR        if set, passed as hydra.run.dir so every rank writes to one directory
 #   TRAIN_MODULE   module to run                                     [sparsetron.train]
-#   TORCHRUN       launcher command          [torchrun, else python -m torch.distributed.run]
+#   TORCHRUN       launcher command; set, it runs without the relay of launch/agent.py
+#                  [python -m sparsetron.launch.agent, else torchrun]
+#   PYTHON         interpreter for the agent                                     [python]
 #   TORCHRUN_ARGS  extra torchrun flags (word-split)
 #
 # Preemption: SIGUSR1 or SIGTERM sent to this script is forwarded as SIGUSR1 to the
-# training processes (torchrun's direct children). torchrun itself ignores SIGUSR1 (it has
-# no handler and would exit). The workers save a checkpoint and exit; this script then exits
-# with 75 (see lib.sh) so the Slurm job script knows to requeue.
+# training processes (torchrun's direct children); SIGUSR1 sent to the torchrun process
+# (launch/agent.py) or to any worker reaches them too. The ranks agree, save one checkpoint and
+# exit 75; this script then exits with 75 (see lib.sh) so the Slurm job script requeues. torchrun
+# reports any failed worker as 1, so the workers write their exit code to a status file
+# ($SPARSETRON_EXIT_STATUS_FILE) and this script exits with it: 75 requeue, 74 a save's I/O
+# failed, 65 diverged (non-finite), 2 bad input; 1 stays "crashed".
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,12 +46,17 @@ RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
 MAX_RESTARTS="${MAX_RESTARTS:-0}"
 TRAIN_MODULE="${TRAIN_MODULE:-sparsetron.train}"
 
+PYTHON="${PYTHON:-python}"
 if [[ -n "${TORCHRUN:-}" ]]; then
     read -r -a launcher <<< "$TORCHRUN"
+elif "$PYTHON" -c "import sparsetron.launch.agent" >/dev/null 2>&1; then
+    # torchrun with a SIGUSR1 relay (launch/agent.py): signalling the torchrun process itself
+    # checkpoints the job instead of killing the launcher.
+    launcher=("$PYTHON" -m sparsetron.launch.agent)
 elif command -v torchrun >/dev/null 2>&1; then
     launcher=(torchrun)
 else
-    launcher=(python -m torch.distributed.run)
+    launcher=("$PYTHON" -m torch.distributed.run)
 fi
 
 if ! [[ "$NPROC" =~ ^([0-9]+|auto|gpu|cpu)$ ]]; then
@@ -89,6 +99,8 @@ if [[ "$NODE_RANK" == "0" ]]; then
     echo "[torchrun.sh] ${launcher[*]} ${args[*]} -m $TRAIN_MODULE ${overrides[*]}" >&2
 fi
 
+status_file="$(mktemp "${TMPDIR:-/tmp}/sparsetron-exit.XXXXXX")"
+export SPARSETRON_EXIT_STATUS_FILE="$status_file"
 preempted=0
 torchrun_pid=""
 forward_preemption() {
@@ -114,7 +126,16 @@ rc=$?
 set -e
 trap - USR1 TERM
 
-if (( rc != 0 )) && { (( preempted )) || (( rc == SPARSETRON_REQUEUE_EXIT_CODE )); }; then
-    exit "$SPARSETRON_REQUEUE_EXIT_CODE"
+worker_codes=" $(tr '\n' ' ' < "$status_file" 2>/dev/null || true)"
+rm -f "$status_file"
+if (( rc != 0 )); then
+    if (( preempted )) || (( rc == SPARSETRON_REQUEUE_EXIT_CODE )) \
+        || [[ "$worker_codes" == *" $SPARSETRON_REQUEUE_EXIT_CODE "* ]]; then
+        exit "$SPARSETRON_REQUEUE_EXIT_CODE"
+    fi
+    read -r first_code _ <<< "$worker_codes"
+    if [[ "${first_code:-}" =~ ^[0-9]+$ ]]; then
+        exit "$first_code"
+    fi
 fi
 exit "$rc"

@@ -9,11 +9,12 @@ groups (groups.py) and picks one engine from the config (legality.resolve_engine
   ZeRO-1 through torch's ZeroRedundancyOptimizer;
 - DeepSpeedEngine (deepspeed_engine.py): ZeRO 0-3 and CPU/NVMe offload, with or without TP.
 
-Every engine: train_step(batches, lr) -> {loss, grad_norm}; eval_loss(x, y); save_checkpoint(dir)
+Every engine: train_step(batches, lr) -> {loss, grad_norm, skipped} (skipped: the non-finite guard,
+agree_finite, dropped the update on every rank); eval_loss(x, y); save_checkpoint(dir)
 and load_checkpoint(path) (collective; formats in reshard.py); dp_rank / dp_size; model."""
 
 import contextlib
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -22,6 +23,62 @@ from .runtime import Runtime
 from .sharded_state import ShardedStateMixin
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def agree_finite(runtime: Runtime, *values: torch.Tensor) -> bool:
+    """The non-finite guard's one decision, shared by every engine: True on every rank iff every value
+    (loss, gradient norm) is finite on every rank. One MIN all-reduce over the world, so all ranks skip
+    the same optimizer step together (a rank that stepped alone would silently fork the replicas)."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().to(torch.int32).reshape(1)
+    if runtime.distributed:
+        import torch.distributed as dist
+
+        flag = flag.to(runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool on t's device; isfinite in 16M-element slices, so no full-size temporary (a large
+    embedding's bool mask would be hundreds of MB on a GPU that is full at checkpoint time)."""
+    return torch.stack([torch.isfinite(part).all() for part in t.detach().reshape(-1).split(1 << 24)]).all()
+
+
+def first_nonfinite(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> Optional[str]:
+    """Name of the first floating tensor holding a NaN/Inf (None if all finite): refuses a checkpoint.
+    One host sync per device, not one per tensor."""
+    names, flags = [], []
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+            names.append(name)
+            flags.append(_all_finite(t))
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, flag in enumerate(flags):
+        by_device.setdefault(flag.device, []).append(i)
+    bad = [i for idx in by_device.values() for i, ok in zip(idx, torch.stack([flags[i] for i in idx]).tolist())
+           if not ok]
+    return names[min(bad)] if bad else None
+
+
+def optimizer_state_tensors(optimizer, names: Dict[int, str]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of an optimizer's master weights and state (moments), unwrapping ZeRO wrappers."""
+    inner = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None) or optimizer
+    for group in inner.param_groups:
+        for prm in group["params"]:
+            label = names.get(id(prm), "master")
+            yield f"optimizer master weight {label}", prm
+            for key, value in inner.state.get(prm, {}).items():
+                yield f"optimizer {key} of {label}", value
+
+
+def state_tensors(engine) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Every tensor a checkpoint of `engine` holds on this rank: parameters (ZeRO-3: this rank's
+    partition), then the optimizer's master weights and moments."""
+    modules = engine.local_modules() if hasattr(engine, "local_modules") else [engine.model]
+    for module in modules:
+        for name, prm in module.named_parameters():
+            yield name, getattr(prm, "ds_tensor", prm)
+    yield from optimizer_state_tensors(engine.optimizer, getattr(engine, "param_names", {}))
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -78,11 +135,14 @@ class DataParallelEngine(ShardedStateMixin):
             hook.before_optimizer_step()
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
+        loss = self.rt.all_reduce_mean(total / n)
+        finite = agree_finite(self.rt, loss, grad_norm)
+        if finite:  # else the non-finite guard skips the update (the trainer counts and reports it)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for hook in self.step_hooks:
             hook.after_optimizer_step()
-        return {"loss": self.rt.all_reduce_mean(total / n).item(), "grad_norm": grad_norm.item()}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite}
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .engine import Batch, autocast_factory
+from .engine import Batch, agree_finite, autocast_factory
 from .groups import ParallelGroups
 from .runtime import Runtime
 from .sharded_state import ShardedStateMixin
@@ -182,9 +182,12 @@ class NativeEngine(ShardedStateMixin):
             loss = total / len(batches)
         self.finalize_grads()
         grad_norm = self.clip_grads(self.cfg.optim.grad_clip)
-        self.optimizer.step()
+        loss = self._dp_mean(loss)
+        finite = agree_finite(self.rt, loss, grad_norm)
+        if finite:  # else the non-finite guard skips the update on every rank (the trainer reports it)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": self._dp_mean(loss).item(), "grad_norm": grad_norm.item()}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite}
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

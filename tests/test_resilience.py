@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsetron.launch.slurm_env import apply_slurm_env, expand_nodelist
+from sparsetron.parallel.slurm_env import apply_slurm_env, expand_nodelist
 from sparsetron.train.resilience import (
     REQUEUE_EXIT_CODE,
     WATCHDOG_EXIT_CODE,
@@ -344,7 +344,7 @@ def _fake_env(tmp_path, worker=False):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path),
-               SPARSETRON_TRACE_DIR=str(tmp_path / "trace"))
+               SPARSETRON_TRACE_DIR=str(tmp_path / "trace"), TORCHRUN="torchrun")  # the fake, not launch/agent.py
     for key in [k for k in env if k.startswith("SLURM_")] + ["NNODES", "MASTER_ADDR", "NPROC"]:
         env.pop(key, None)
     if worker:
@@ -408,10 +408,11 @@ def test_sbatch_preemption_forwards_signal_and_requeues(tmp_path):
 REAL_WORKER = """
 import os, sys, time
 import torch.distributed as dist
-from sparsetron.train.resilience import PreemptionHandler, REQUEUE_EXIT_CODE
+from sparsetron.train.resilience import PreemptionHandler, REQUEUE_EXIT_CODE, defer_preemption_signals
 
-handler = PreemptionHandler().install()
+defer_preemption_signals()  # as train(): gloo's threads keep the signals blocked, only this thread gets them
 dist.init_process_group("gloo")
+handler = PreemptionHandler().install()
 rank, log = dist.get_rank(), os.environ["FAKE_LOG"]
 open(os.path.join(log, f"ready{rank}"), "w").write(str(os.getpid()))
 deadline = time.monotonic() + 60

@@ -40,7 +40,13 @@ REQUEUE_EXIT_CODE = 75
 # node, which a requeue may land on again.
 WATCHDOG_EXIT_CODE = 86
 
+# 65 = EX_DATAERR: train.max_skipped_steps optimizer steps in a row had a non-finite loss or gradient
+# norm (a diverged run, or bad data), or a checkpoint would have held non-finite values. Not requeued:
+# the same data and weights would diverge again.
+DIVERGED_EXIT_CODE = 65
+
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_REQUESTED = 1000  # stop_agreed's vote for a programmatic stop (above every signal number)
 
 # Asks a rank for its Python stacks (see enable_stack_dumps); not in DEFAULT_SIGNALS: it does not stop anything.
 STACK_DUMP_SIGNAL = signal.SIGUSR2
@@ -115,6 +121,14 @@ class PreemptionHandler:
             raise RuntimeError("PreemptionHandler.install() must be called from the main thread")
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+            # SA_RESTART: a system call the signal lands in (gloo's socket I/O on this thread) resumes
+            # instead of failing with EINTR; gloo dropped the connection on that, and the peer rank died
+            # with "Connection closed by peer" instead of checkpointing. The flag is still seen next step.
+            signal.siginterrupt(sig, False)
+        # Blocked until now (defer_preemption_signals; launch/agent.py starts workers with SIGUSR1
+        # blocked): one that arrived during start-up is delivered now instead of being lost. Only this
+        # (main) thread unblocks: threads started earlier keep them blocked, so they land here.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def uninstall(self) -> None:
@@ -178,11 +192,46 @@ class PreemptionHandler:
             if "nccl" in backend and torch.cuda.is_available()
             else torch.device("cpu")
         )
-        flag = torch.tensor([1 if self._flag else 0], dtype=torch.int32, device=device)
+        # The signal number travels with the vote, so every rank reports the same signal (a rank that
+        # got none would otherwise say "none"). _REQUESTED: request_stop() without a signal.
+        mine = (self.received or _REQUESTED) if self._flag else 0
+        flag = torch.tensor([mine], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if int(flag.item()):
+        agreed = int(flag.item())
+        if agreed:
             self._flag = True
+            if self.received is None and agreed != _REQUESTED:
+                self.received = agreed
         return self._flag
+
+
+EXIT_STATUS_ENV = "SPARSETRON_EXIT_STATUS_FILE"
+
+
+def note_exit_status(code: Optional[int]) -> None:
+    """Append this worker's exit code to $SPARSETRON_EXIT_STATUS_FILE (set by launch/torchrun.sh):
+    torchrun reports any failed worker as exit 1, so the wrapper reads the real reason here
+    (75 requeue, 74 I/O, 65 diverged, 2 input)."""
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if not path or not code:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(f"{code}\n")
+    except OSError:
+        pass
+
+
+def defer_preemption_signals(signals: Iterable[int] = DEFAULT_SIGNALS) -> set:
+    """Block the preemption signals in the calling (main) thread until PreemptionHandler.install()
+    unblocks them there; returns the previous mask (restore it with signal.pthread_sigmask).
+
+    Call it before the process group and the engine start their threads (gloo's I/O loop, DeepSpeed's,
+    the data prefetcher): a thread inherits its creator's mask, so those threads keep the signals
+    blocked and the kernel delivers them to the main thread only. Delivered to a gloo thread, the
+    signal interrupted a socket call and gloo dropped the connection ("Connection closed by peer")
+    -- a preempted job crashed instead of checkpointing. A signal arriving meanwhile stays pending."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
 
 
 def exit_for_requeue(message: str = "checkpoint saved after preemption signal") -> None:
@@ -375,3 +424,69 @@ class NullWatchdog:
 
     def suspended(self):
         return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- non-finite guard
+class NonFiniteError(RuntimeError):
+    """The run diverged (too many skipped steps) or its state is not finite: exit DIVERGED_EXIT_CODE."""
+
+    exit_code = DIVERGED_EXIT_CODE
+
+
+class SkipCounter:
+    """Counts optimizer steps the engines skipped for a non-finite loss/gradient norm (the decision is
+    parallel/engine.agree_finite, the same on every rank); stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int, total: int = 0):
+        if limit < 1:
+            from sparsetron.configs.schema.validate import ConfigError
+
+            raise ConfigError("train.max_skipped_steps", f"got {limit}, must be >= 1")
+        self.limit, self.total, self.in_a_row = limit, total, 0
+
+    def update(self, step: int, skipped: bool, loss: float, grad_norm: float, say: Callable[[str], None]) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        say(f"sparsetron: step {step}: non-finite loss={loss} grad_norm={grad_norm}; optimizer step skipped "
+            f"({self.in_a_row} in a row, {self.total} in this run; the limit is train.max_skipped_steps={self.limit})")
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} optimizer steps in a row (steps {step - self.in_a_row + 1}-{step}) "
+                f"had a non-finite loss or gradient norm; stopping (train.max_skipped_steps={self.limit}). The "
+                f"checkpoints hold finite weights only: lower optim.lr or check the data near step {step}, then "
+                f"resume=auto")
+
+
+# Test hook (tests/test_faults.py): SPARSETRON_FAULT_NAN_STEPS="7" or "7-11" or "3,9" makes the loss of
+# those steps (1-based, as logged) NaN, through the model's final norm, on every rank. Read once at start.
+FAULT_NAN_ENV = "SPARSETRON_FAULT_NAN_STEPS"
+
+
+def nan_fault_steps(raw: Optional[str] = None) -> frozenset:
+    raw = os.environ.get(FAULT_NAN_ENV, "") if raw is None else raw
+    steps = set()
+    try:
+        for part in filter(None, raw.replace(" ", "").split(",")):
+            lo, _, hi = part.partition("-")
+            steps.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"{FAULT_NAN_ENV}={raw!r}: expected steps like 7, 7-11 or 3,9") from None
+    return frozenset(steps)
+
+
+@contextlib.contextmanager
+def inject_nan(modules, active: bool) -> Iterator[None]:
+    """While active, every module named exactly `norm` (the model's final norm) outputs NaN."""
+    if not active:
+        yield
+        return
+    handles = [m.register_forward_hook(lambda _m, _inp, out: out * float("nan"))
+               for module in modules for name, m in module.named_modules() if name == "norm"]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
