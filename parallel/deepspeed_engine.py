@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import reshard as rs
-from .engine import Batch
+from .engine import Batch, agree_finite
 from .groups import ParallelGroups
 from .runtime import Runtime
 from .tensor_parallel import parallelize, sequence_parallel_params
@@ -47,7 +47,7 @@ class DeepSpeedEngine:
 
         from sparsetron.train.optim import build_optimizer
 
-        from .deepspeed_config import deepspeed_config
+        from .deepspeed_config import deepspeed_config, host_threads_per_rank, offload_tuning_line
 
         self.cfg, self.rt, self.g = cfg, runtime, groups
         self.dp_rank, self.dp_size = groups.dp_rank, groups.dp
@@ -62,10 +62,22 @@ class DeepSpeedEngine:
         if groups.tp > 1 and cfg.parallel.sequence_parallel:
             for prm in sequence_parallel_params(self.model):  # partial grads (own sequence slice): sum over tp
                 prm.register_hook(self._tp_sum_hook)
-        self.ds_config = deepspeed_config(cfg, groups.dp, runtime.device)
+        sizes = [getattr(prm, "ds_numel", prm.numel()) for prm in self.model.parameters()]  # zero.Init: ds_numel
+        self.ds_config = deepspeed_config(cfg, groups.dp, runtime.device, n_params=sum(sizes),
+                                          largest_param=max(sizes, default=0))
+        threads = host_threads_per_rank() if self._offloaded() else None
+        if threads:
+            torch.set_num_threads(threads)  # the host-side Adam's OpenMP threads (DeepSpeedCPUAdam, torch AdamW)
+        if runtime.is_main and self._offloaded():
+            print(offload_tuning_line(self.ds_config, threads), flush=True)  # what was chosen for the user, once
         client_opt = None
+        self.optimizer_impl = "deepspeed_json"  # an `optimizer` block in deepspeed_overrides: DeepSpeed builds it
         if "optimizer" not in self.ds_config:
-            client_opt = build_optimizer(self.model, cfg.optim, torch.device("cpu") if self._offloaded() else runtime.device)
+            self.optimizer_impl = cfg.optim.offload_impl if self._offloaded() else "torch"
+            if self.optimizer_impl == "deepspeed_cpu_adam":
+                self._build_cpu_adam_op_once()
+            client_opt = build_optimizer(self.model, cfg.optim, torch.device("cpu") if self._offloaded() else runtime.device,
+                                         host_offload=self._offloaded(), announce=None)
         if not runtime.distributed:  # ZeRO needs a process group even for one process
             for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                                ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -79,6 +91,31 @@ class DeepSpeedEngine:
     def _offloaded(self) -> bool:
         p = self.cfg.parallel
         return p.offload_optimizer != "none"
+
+    def _build_cpu_adam_op_once(self) -> None:
+        """DeepSpeed's cpu_adam op, JIT-built by one rank per host while the others wait (ranks compiling
+        into the same cache at once can crash); a failed build fails every rank with the same advice."""
+        from sparsetron.configs.schema.validate import ConfigError
+        from sparsetron.train.optim import load_cpu_adam_op
+
+        announce = print if self.rt.is_main else None
+        first = self.rt.local_rank == 0
+        error = None
+        if first or not self.rt.distributed:
+            try:
+                load_cpu_adam_op(announce)
+            except ConfigError as err:
+                error = err
+        if self.rt.distributed:
+            failed = torch.tensor([int(error is not None)], device=self.rt.device)
+            dist.all_reduce(failed)  # also the barrier: the others load only once the cache is filled
+            if failed.item() and error is None:
+                error = ConfigError("optim.offload_impl", "DeepSpeed's CPU Adam op could not be built on another "
+                                    "rank (see its message); set optim.offload_impl=torch to run torch AdamW instead")
+        if error is not None:
+            raise error
+        if not first:
+            load_cpu_adam_op(announce)  # from the cache the first rank filled
 
     def _tp_sum_hook(self, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
@@ -107,7 +144,17 @@ class DeepSpeedEngine:
             dist.all_reduce(loss, group=self.g.dp_group)
             loss = loss / self.g.dp
         norm = self.ds.get_global_grad_norm() if norm is None else norm
-        return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan")}
+        # Non-finite guard: ZeRO 1-3 already discard a step whose global gradient norm is NaN/Inf (their
+        # overflow check; the norm then reads inf). The shared decision makes every rank agree and report it.
+        checks = [loss] + ([torch.as_tensor(float(norm))] if norm is not None else [])
+        finite = agree_finite(self.rt, *checks)
+        if not finite and getattr(self.ds, "_step_applied", False):
+            from sparsetron.train.resilience import NonFiniteError
+
+            raise NonFiniteError(f"DeepSpeed (zero_stage={self.cfg.parallel.zero_stage}) applied an update with a "
+                                 f"non-finite loss/gradient norm; resume from the last checkpoint")
+        return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan"),
+                "skipped": not finite}
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -155,7 +202,8 @@ class DeepSpeedEngine:
         if self.g.dp_rank == 0:
             write_files(directory, {rs.model_file(self.g.tp_rank, 0, self.g.tp, 1): weights})
         if self.rt.is_main:
-            write_files(directory, {rs.LAYOUT: {**self.layout_info(), "optimizer": "deepspeed"}})
+            write_files(directory, {rs.LAYOUT: {**self.layout_info(), "optimizer": "deepspeed",
+                                                "optimizer_impl": self.optimizer_impl}})
 
     def load_checkpoint(self, path: str) -> None:
         from sparsetron.train import checkpoint as ckpt
@@ -163,10 +211,12 @@ class DeepSpeedEngine:
         saved, mine = rs.read_layout(path), self.layout_info()
         same = saved.get("engine") == "deepspeed" and all(saved.get(k) == mine[k] for k in ("tp", "dp", "zero_stage"))
         if same:
+            self._check_optimizer_switch(saved.get("optimizer_impl", "torch"), path)  # before: only torch AdamW
             loaded, _ = self.ds.load_checkpoint(path, tag=DS_TAG, load_module_strict=True,
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
             if loaded is None:
                 raise ckpt.CheckpointError(f"{path}/{DS_TAG}: DeepSpeed could not load its checkpoint")
+            self._adopt_loaded_optimizer_state()
             return
         if saved.get("optimizer") is not None:
             raise ckpt.CheckpointError(
@@ -176,6 +226,46 @@ class DeepSpeedEngine:
                 f"resume at the saved layout, or convert it to weights only first: "
                 f"python -m sparsetron.parallel.reshard {path} NEW_CKPT --weights-only")
         self._set_weights(rs.consolidated_weights(path), path)
+
+    def _check_optimizer_switch(self, saved_impl: str, path: str) -> None:
+        """torch AdamW <-> DeepSpeedCPUAdam resume exactly into each other with the state on the host
+        (same fp32 moments and step count; tests/test_offload_cpu_adam.py); other switches -- an
+        optimizer from deepspeed_overrides, or NVMe-swapped state, untested -- are refused."""
+        from sparsetron.train import checkpoint as ckpt
+
+        mine = self.optimizer_impl
+        if saved_impl == mine:
+            return
+        exchangeable = {saved_impl, mine} == {"torch", "deepspeed_cpu_adam"} and self.cfg.parallel.offload_optimizer != "nvme"
+        def said(impl: str) -> str:
+            return ("an `optimizer` block in parallel.deepspeed_overrides" if impl == "deepspeed_json"
+                    else f"optim.offload_impl={impl}")
+
+        if not exchangeable:
+            raise ckpt.CheckpointError(
+                f"{path}: its optimizer state was written with {said(saved_impl)}, this run uses {said(mine)} "
+                f"(parallel.offload_optimizer={self.cfg.parallel.offload_optimizer}); that switch cannot carry the "
+                f"state: resume with {said(saved_impl)}, or convert to weights only first: "
+                f"python -m sparsetron.parallel.reshard {path} NEW_CKPT --weights-only")
+        if self.rt.is_main:
+            print(f"sparsetron: resuming optimizer state of optim.offload_impl={saved_impl} with {mine} "
+                  f"(Adam moments and step count carry over)", flush=True)
+
+    def _adopt_loaded_optimizer_state(self) -> None:
+        """A state dict saved by torch AdamW, read into DeepSpeedCPUAdam: its step counts are tensors
+        (the C++ op takes an int) and its groups lack `bias_correction`. torch AdamW converts the other
+        way by itself (its __setstate__)."""
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        if not isinstance(inner, DeepSpeedCPUAdam):
+            return
+        for group in inner.param_groups:
+            group.setdefault("bias_correction", True)
+            group.setdefault("amsgrad", False)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = int(state["step"].item())
 
     def _set_weights(self, full: Dict[str, torch.Tensor], path: str) -> None:
         """Weights from full tensors into every ZeRO representation (model copy + fp32 master)."""

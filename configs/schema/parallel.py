@@ -34,7 +34,7 @@ class ParallelConfig:
     offload_optimizer: str = "none"  # none | cpu | nvme   (DeepSpeed)
     offload_param: str = "none"  # none | cpu | nvme       (DeepSpeed, ZeRO-3 only)
     nvme_path: str = "/tmp/sparsetron_nvme"
-    pin_memory: bool = True  # pinned host buffers for offload (GPU only)
+    pin_memory: bool = True  # pinned host buffers for offload (GPU only; off when host states > 75% of free RAM)
     aio: AioConfig = field(default_factory=AioConfig)
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # deep-merged into the generated JSON
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
