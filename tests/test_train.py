@@ -58,9 +58,12 @@ def test_kill_9_then_resume_auto_reproduces_losses_exactly(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(_losses(run)) < 14
+    # on a loaded machine the kill can land after the step-12 checkpoint too: resume from the newest complete one
+    newest = max(int(p.parent.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*/COMPLETE"))
+    assert newest in (8, 12)
 
     out = run_cli([*common, f"run_dir={run}", "resume=auto"])
-    assert "resumed at step 8" in out.stdout
+    assert f"resumed at step {newest}" in out.stdout
     assert _losses(run) == reference  # bit-exact
 
 
