@@ -13,6 +13,7 @@ moments alike.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -182,7 +183,7 @@ def convert(src: str, dst: str, weights_only: bool = False) -> str:
     (layout.json says so) and the run resumes from the weights with fresh moments."""
     from sparsetron.train import checkpoint as ckpt
 
-    ckpt.check_complete(src)
+    ckpt.verify(src)  # a damaged source is refused here, not converted
     opt = None if weights_only else consolidated_optimizer(src)
     files: Dict[str, object] = {"model.safetensors": consolidated_weights(src)}
     if opt is not None:
@@ -196,7 +197,10 @@ def convert(src: str, dst: str, weights_only: bool = False) -> str:
     for name in ("trainer_state.json", "config.yaml", "rng.pt"):  # the run's state travels unchanged
         if os.path.exists(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(tmp, name))
-    ckpt.write_files(tmp, {ckpt.COMPLETE: "converted\n"})
+    step = ckpt.read_json(src, "trainer_state.json").get("step", 0) if os.path.exists(
+        os.path.join(src, "trainer_state.json")) else 0
+    manifest = ckpt.build_manifest(tmp, step)  # the converted checkpoint verifies like a saved one
+    ckpt.write_files(tmp, {ckpt.COMPLETE: json.dumps(manifest, indent=1) + "\n"})
     if os.path.exists(dst):
         shutil.rmtree(dst)
     os.rename(tmp, dst)
