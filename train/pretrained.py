@@ -141,7 +141,7 @@ def load_pretrained(model: torch.nn.Module, path: str) -> str:
     else:
         from sparsetron.parallel.reshard import consolidated_weights
 
-        ckpt.check_complete(path)
+        ckpt.verify(path)  # damaged weights are refused, not fine-tuned from
         state = ckpt.read_json(path, "trainer_state.json")
         _check_fields(path, state.get("model", {}), model.cfg, ckpt.MODEL_SHAPE_KEYS)
         weights = consolidated_weights(path)
