@@ -285,7 +285,8 @@ def plot_losses(run_dir: str) -> Optional[str]:
 
 def routing_metrics(model, with_loads: bool = False) -> Dict[str, object]:
     """MoE routing of the last forward, per layer: load imbalance (max/mean expert load), experts per
-    token, tokens dropped/added by token rounding, balance and z losses; per-expert loads on request."""
+    token, tokens dropped/added by token rounding or capacity, the capacity's dropped fractions (assignments,
+    whole tokens), balance and z losses; per-expert loads on request."""
     out: Dict[str, object] = {}
     for name, module in model.named_modules():
         stats = getattr(module, "last_stats", None)
@@ -298,7 +299,8 @@ def routing_metrics(model, with_loads: bool = False) -> Dict[str, object]:
             out[f"moe/{layer}/max_over_mean_load"] = (load.max() / load.mean().clamp_min(1e-9)).item()
             if with_loads:
                 out[f"moe/{layer}/expert_load"] = [int(v) for v in load.tolist()]
-        for key in ("experts_per_token", "tokens_dropped", "tokens_added", "balance_loss", "z_loss"):
+        for key in ("experts_per_token", "tokens_dropped", "tokens_added", "balance_loss", "z_loss",
+                    "dropped_assignment_fraction", "dropped_token_fraction"):  # the last two: moe.capacity_factor
             if key in stats:
                 out[f"moe/{layer}/{key}"] = float(stats[key])
     return out

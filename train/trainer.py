@@ -1,6 +1,7 @@
 """The training loop: one process or many (torchrun), CPU or GPU, resumable to the step."""
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -14,6 +15,7 @@ from sparsetron.parallel.comm_timer import StepCommTimer
 from sparsetron.parallel.engine import build_engine
 from sparsetron.parallel.runtime import Runtime, init_runtime, shutdown
 
+from . import auto_defaults
 from . import checkpoint as ckpt
 from .data import Data, ResumableSampler, build_data
 from .loader import Prefetcher
@@ -21,9 +23,12 @@ from .metrics import (MetricsSink, flops_per_token, parameter_counts, peak_flops
                       routing_metrics)
 from .model import Llama
 from .optim import lr_at
-from .pretrained import load_pretrained
+from .pretrained import adopt_hf_model_config, load_pretrained
 from .profiling import StepProfiler
-from .resilience import REQUEUE_EXIT_CODE, PreemptionHandler, Watchdog, enable_stack_dumps
+from .resilience import (REQUEUE_EXIT_CODE, NonFiniteError, PreemptionHandler, SkipCounter, Watchdog,
+                         defer_preemption_signals, enable_stack_dumps, inject_nan, nan_fault_steps,
+                         note_exit_status)
+from .run_dir import RunDirError, claim as claim_run_dir, release as release_run_dir
 
 
 def init_device(cfg, device: torch.device, n_params: int) -> torch.device:
@@ -47,7 +52,14 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, cfg.checkpoint.dir)
         enable_stack_dumps(os.path.join(self.run_dir, "stacks", f"rank{runtime.rank}.txt"))  # before any collective
         self.profiler = StepProfiler.from_env(self.run_dir, runtime.rank)  # a bad SPARSETRON_PROFILE fails here
+        # lock, identity, new-run/resume rules, writable + free space: before anything is written (run_dir.py)
+        self.run_id = claim_run_dir(cfg, runtime, self.run_dir, self.ckpt_root).run_id
+        self.skips = SkipCounter(cfg.train.max_skipped_steps)
+        self.nan_steps = nan_fault_steps()  # test hook (resilience.FAULT_NAN_ENV); empty in real runs
         t = cfg.train
+        auto_note = auto_defaults.resolve(cfg, runtime.device)  # compile / fused_kernels "auto" -> what runs here
+        if auto_note and runtime.is_main:
+            print(auto_note, flush=True)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         resume_from = self._resume_path()  # before any work: a bad path fails fast
@@ -84,9 +96,13 @@ class Trainer:
             self.sparse.init_masks(calibration)
         if t.compile:
             self.engine.compile_blocks()
+        self.compile_warmup_pending = bool(t.compile)  # the first step compiles: its time is printed once
         n_params = counts["total"]
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len, counts["active"], counts["embedding"])
-        self.peak = peak_flops(runtime.device)
+        self.peak = peak_flops(runtime.device, cfg.logging.peak_tflops)
+        if self.peak is None and runtime.device.type == "cuda" and runtime.is_main:
+            print(f"sparsetron: no dense bf16 peak known for {torch.cuda.get_device_name(runtime.device)}: no MFU "
+                  f"logged; set logging.peak_tflops=<TFLOP/s per GPU>", flush=True)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.sink = MetricsSink(cfg, self.run_dir, runtime.is_main, self.step, t.max_steps)
         # SIGUSR1/SIGTERM only set a flag; the loop checkpoints and exits for requeue after the step
@@ -103,11 +119,20 @@ class Trainer:
         mode = self.cfg.resume
         if mode == "none":
             return None
-        if mode == "auto":
-            return ckpt.latest(self.ckpt_root)
+        say = self._say
+        if mode == "auto":  # the newest checkpoint that verifies; one line for each one skipped
+            path = ckpt.newest_verified(self.ckpt_root, self.rt, say)
+            if path is None:
+                say(f"sparsetron: resume=auto: no checkpoint in {self.ckpt_root}; starting from scratch")
+            return path
         path = os.path.abspath(os.path.expanduser(mode))
-        ckpt.check_complete(path)
+        if not ckpt.verify(path, self.rt):
+            say(f"sparsetron: {path} has a legacy COMPLETE marker (no checksums); loading it unverified")
         return path
+
+    def _say(self, line: str) -> None:
+        if self.rt.is_main:
+            print(line, flush=True)
 
     # ----------------------------------------------------------------------------- checkpoints
     def _load(self, path: str) -> None:
@@ -115,10 +140,13 @@ class Trainer:
         state = ckpt.read_json(path, "trainer_state.json")
         current = OmegaConf.to_container(self.cfg.model, resolve=True)
         ckpt.check_model_config(path, state.get("model", {}), current)
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("sampler"), dict):
+            raise ckpt.CheckpointError(f"{path}/trainer_state.json: no integer 'step' and 'sampler' state (corrupt)")
         self.engine.load_checkpoint(path)
+        self.skips.total = int(state.get("skipped_steps", 0))
         try:
             self.sampler.load_state_dict(state["sampler"])
-        except ValueError as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise ckpt.CheckpointError(f"{path}/trainer_state.json: {err}") from None
         if self.sparse is not None:
             self.sparse.load_state_dict(ckpt.read_torch(path, "sparsity.pt"))
@@ -131,6 +159,7 @@ class Trainer:
     def save(self) -> None:
         """Collective: rank 0 writes the run state, every rank its engine shards (checkpoint.save)."""
         self.sampler.consumed_samples = self.step * self.cfg.train.global_batch_size
+        self._refuse_nonfinite_state()
         files = {}
         if self.rt.is_main:
             rng = {"cpu": torch.get_rng_state()}
@@ -144,14 +173,34 @@ class Trainer:
                     "sampler": self.sampler.state_dict(),
                     "model": {k: model_cfg[k] for k in ckpt.MODEL_SHAPE_KEYS},
                     "world_size": self.rt.world_size,
+                    "skipped_steps": self.skips.total,
                 },
                 "config.yaml": OmegaConf.to_yaml(self.cfg),
             }
             if self.sparse is not None:
                 self.sparse.verify()  # never write a checkpoint whose masks are not N:M
                 files["sparsity.pt"] = self.sparse.state_dict()
-        ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last, runtime=self.rt,
-                  rank_writer=self.engine.save_checkpoint)
+        try:
+            ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last, runtime=self.rt,
+                      rank_writer=self.engine.save_checkpoint, run_id=self.run_id)
+        except ckpt.CheckpointWriteError as err:
+            raise ckpt.CheckpointWriteError(f"{err}; the newest checkpoint is intact: "
+                                            f"{ckpt.latest(self.ckpt_root) or 'none yet'}") from None
+
+    def _refuse_nonfinite_state(self) -> None:
+        """Never write a checkpoint with a NaN/Inf parameter or optimizer state (all ranks agree)."""
+        from sparsetron.parallel.engine import first_nonfinite, state_tensors
+
+        bad = first_nonfinite(state_tensors(self.engine))
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            found = [None] * self.rt.world_size
+            dist.all_gather_object(found, bad)
+            bad = next((f"{b} (rank {r})" for r, b in enumerate(found) if b), None)
+        if bad:
+            raise NonFiniteError(f"step {self.step}: {bad} is not finite; checkpoint not written (the newest one, "
+                                 f"{ckpt.latest(self.ckpt_root) or 'none'}, is kept)")
 
     # ---------------------------------------------------------------------------------- steps
     def _micro_batches(self, step: int):
@@ -188,16 +237,25 @@ class Trainer:
                 start = time.perf_counter()
                 self.comm_timer.reset()
                 batches = prefetch.get(self.step)
-                with self.watchdog.collective("train step (forward, backward, gradient all-reduce)"):
+                with self.watchdog.collective("train step (forward, backward, gradient all-reduce)"), \
+                        inject_nan(self._local_modules(), self.step + 1 in self.nan_steps):
                     metrics = self.train_step(batches)
                     if self.rt.device.type == "cuda":
                         torch.cuda.synchronize(self.rt.device)
                 dt = time.perf_counter() - start
                 self.step += 1
                 self.watchdog.beat(self.step)
+                skipped = metrics.pop("skipped", False)  # the non-finite guard (parallel/engine.agree_finite)
+                self.skips.update(self.step, skipped, metrics["loss"], metrics.get("grad_norm"), self._say)
+                if self.compile_warmup_pending:
+                    self.compile_warmup_pending = False
+                    if self.rt.is_main:
+                        print(f"sparsetron: torch.compile warm-up: the first step took {dt:.1f} s", flush=True)
                 record = {"kind": "train", "step": self.step, **metrics, "step_time_s": dt,
                           "tokens_per_s": self.tokens_per_step / dt, "mem_gib": peak_memory_gib(self.rt.device)}
                 record.update(self.comm_timer.record())
+                if self.skips.total:
+                    record["skipped_steps"] = self.skips.total
                 if self.sparse is not None:
                     record.update(self.sparse.last_metrics)
                 if self.cfg.model.mlp == "moe":
@@ -237,6 +295,9 @@ class Trainer:
         summary["step"] = self.step
         return summary
 
+    def _local_modules(self):
+        return self.engine.local_modules() if hasattr(self.engine, "local_modules") else [self.engine.model]
+
     def _log_val(self) -> float:
         val = self.evaluate()
         self.sink.log({"kind": "val", "step": self.step, "loss": val})
@@ -245,11 +306,19 @@ class Trainer:
 
 def train(cfg) -> Dict[str, float]:
     """Validate, start the runtime, train, shut down. Returns a summary (losses, throughput)."""
+    adopt_hf_model_config(cfg)  # train.init_from on an HF folder: its model fields win (train/pretrained.py)
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.parallel.offload_optimizer != "none" or cfg.parallel.offload_param != "none":
+        from sparsetron.parallel.deepspeed_config import check_offload_fits  # host RAM / NVMe disk, before any work
+
+        check_offload_fits(cfg, parameter_counts(cfg.model, cfg.attention, cfg.moe)["total"],
+                           int(os.environ.get("WORLD_SIZE", "1")))
+    old_mask = defer_preemption_signals()  # until the handler is installed; keeps them off gloo's threads
     runtime = init_runtime(cfg.train.device, cfg.parallel.backend)
     try:
         summary = Trainer(cfg, runtime).fit()
     except BaseException as err:
+        note_exit_status(getattr(err, "exit_code", 2) if isinstance(err, user_errors()) else None)
         if runtime.distributed and not isinstance(err, (SystemExit, *user_errors())):
             # Printed now, not after the shutdown below: Python shows the error only once the shutdown
             # returns, and with peers blocked on this rank it might not (a pipeline stage's error hid
@@ -258,6 +327,11 @@ def train(cfg) -> Dict[str, float]:
             sys.stderr.flush()
         shutdown(runtime, failed=True)
         raise
+    finally:
+        release_run_dir(cfg)  # the run dir's lock (held by rank 0 from Trainer start)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if summary.get("preempted"):
+        note_exit_status(REQUEUE_EXIT_CODE)  # for launch/torchrun.sh: torchrun itself would say 1
     shutdown(runtime)
     return summary
 
@@ -268,7 +342,7 @@ def user_errors() -> tuple:
 
     from .data import DataError
 
-    return (ConfigError, DataError, ckpt.CheckpointError)
+    return (ConfigError, DataError, ckpt.CheckpointError, RunDirError, NonFiniteError)
 
 
 __all__: List[str] = ["Trainer", "train", "user_errors"]

@@ -57,6 +57,9 @@ def _moe(m) -> None:
     _positive("moe.shared_expert_ffn_dim", m.shared_expert_ffn_dim, allow_zero=True)
     for name in ("aux_loss_coef", "z_loss_coef", "aux_free_bias_lr"):
         _positive(f"moe.{name}", getattr(m, name), allow_zero=True)
+    from .moe import check_moe_fields
+
+    check_moe_fields(m, ConfigError)  # capacity factor and its clash with token rounding (configs/schema/moe.py)
 
 
 def _data(d) -> None:
@@ -92,6 +95,9 @@ def _optim(o) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(o, name) < 1.0:
             raise ConfigError(f"optim.{name}", f"got {getattr(o, name)}, must be in [0, 1)")
+    from .optim import check_optim_fields
+
+    check_optim_fields(o, ConfigError)  # offload_impl, eps (configs/schema/optim.py)
 
 
 def _train(t, m) -> None:

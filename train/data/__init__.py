@@ -33,28 +33,61 @@ def _build_once(runtime, path: str, build) -> None:
     runtime.barrier()
 
 
-def _memmap(cfg, model_vocab: int):
-    """(train tokens, val tokens, tokenizer path "") for pre-tokenized shards."""
-    train = tokens.open_tokens([p for _, p in corpus._user_files(list(cfg.paths))], cfg.memmap_dtype)
-    if cfg.val_paths:
-        val = tokens.open_tokens([p for _, p in corpus._user_files(list(cfg.val_paths))], cfg.memmap_dtype)
-    else:  # hold out the tail
+def _memmap(cfg, model_vocab: int, runtime):
+    """(train tokens, val tokens, tokenizer path "") for pre-tokenized shards; every id of every train
+    and val shard is checked against the vocabulary (once per file version: the verdict is cached)."""
+    train_paths = [p for _, p in corpus._user_files(list(cfg.paths))]
+    val_paths = [p for _, p in corpus._user_files(list(cfg.val_paths))] if cfg.val_paths else []
+    train = tokens.open_tokens(train_paths, cfg.memmap_dtype)  # checks each size first
+    val = tokens.open_tokens(val_paths, cfg.memmap_dtype) if val_paths else None
+    if runtime.local_rank == 0:  # one scan per node; the other ranks then read the cached verdicts
+        for p in train_paths + val_paths:
+            tokens.shard_max_id(p, cfg.memmap_dtype, cache_root(cfg))
+    runtime.barrier()
+    for field, paths in (("data.paths", train_paths), ("data.val_paths", val_paths)):
+        tokens.check_ids(paths, cfg.memmap_dtype, model_vocab, field, cache_root(cfg))
+    if val is None:  # hold out the tail
         cut = int(len(train) * (1 - cfg.val_fraction))
         train, val = train.view(0, cut), train.view(cut, len(train))
-    top = int(np.max(train[: 1 << 20]))
-    if top >= model_vocab:
-        raise DataError(f"data.paths: token id {top} >= model.vocab_size={model_vocab}; check data.memmap_dtype "
-                        f"or model.vocab_size")
     return train, val, ""
+
+
+BIG_TEXT_BYTES = 100_000_000  # past this, tokenizing inside the training job is the slow path
+
+
+def _hint_prepare(source: str, docs, log) -> None:
+    total = sum(os.path.getsize(p) for p in {d.path for d in docs})
+    if total > BIG_TEXT_BYTES:
+        log(f"sparsetron: data={source} reads {total / 1e6:.0f} MB and tokenizes it inside the training job; "
+            f"`sparsetron-prepare` does it once, offline, in parallel (then train with data=prepared)")
+
+
+BPE_SAMPLE_CHARS = 100_000_000  # a BPE trained in the job sees at most this much text (the first documents)
+
+
+def _sample(texts, limit: int):
+    seen = 0
+    for t in texts:
+        yield t
+        seen += len(t)
+        if seen >= limit:
+            return
 
 
 def build_data(cfg, runtime, run_dir: str) -> Data:
     d, seq_len, model_vocab = cfg.data, cfg.train.seq_len, cfg.model.vocab_size
+    log = print if runtime.rank == 0 else (lambda _msg: None)
+    if d.source == "prepared":
+        from .blend import build_prepared
+
+        return build_prepared(cfg, runtime, run_dir, log)
     if d.source == "memmap":
-        train_tokens, val_tokens, tok_path = _memmap(d, model_vocab)
+        train_tokens, val_tokens, tok_path = _memmap(d, model_vocab, runtime)
         vocab = model_vocab
     else:
-        docs = corpus.list_documents(d)
+        docs = corpus.list_documents(d, log)
+        if d.source in ("text", "pycode"):
+            _hint_prepare(d.source, docs, log)
         train_docs, val_docs = corpus.split(docs, d.val_fraction)
         key = f"{d.source}-{corpus.fingerprint(docs)}-v{d.val_fraction}"
         tok_path = os.path.join(run_dir, "tokenizer.json")
@@ -62,7 +95,8 @@ def build_data(cfg, runtime, run_dir: str) -> Data:
             if d.tokenizer == "bpe":
                 cached = os.path.join(cache_root(d), "tokenizers", f"bpe{model_vocab}-{key}.json")
                 _build_once(runtime, cached, lambda p: tokenizer.save_atomic(
-                    tokenizer.train_bpe(corpus.read_texts(train_docs, d.jsonl_field), model_vocab), p))
+                    tokenizer.train_bpe(_sample(corpus.read_texts(train_docs, d.jsonl_field), BPE_SAMPLE_CHARS),
+                                        model_vocab), p))
                 source = cached
             else:
                 source = d.tokenizer
@@ -85,9 +119,24 @@ def build_data(cfg, runtime, run_dir: str) -> Data:
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         train_tokens, val_tokens = arrays
     train, val = TokenWindows(train_tokens, seq_len), TokenWindows(val_tokens, seq_len)
-    if len(val) == 0:
-        raise DataError(f"the validation split has fewer than train.seq_len+1={seq_len + 1} tokens")
+    for name, windows, field in (("training", train, "data.paths"), ("validation", val, _val_field(d))):
+        if len(windows) == 0:
+            raise DataError(f"{field}: the {name} split has {len(windows.tokens)} tokens, fewer than "
+                            f"train.seq_len+1={seq_len + 1}; inputs: {_inputs(d, name)}")
     return Data(train, val, vocab, tok_path)
+
+
+def _val_field(d) -> str:
+    return "data.val_paths" if d.source == "memmap" and d.val_paths else f"data.val_fraction={d.val_fraction}"
+
+
+def _inputs(d, split_name: str) -> str:
+    """The files behind a split, for an error about it."""
+    if d.source in ("stdlib", "pycode"):
+        return f"the {d.source} corpus capped by data.max_corpus_bytes={d.max_corpus_bytes}"
+    patterns = d.val_paths if split_name == "validation" and d.source == "memmap" and d.val_paths else d.paths
+    files = [p for _, p in corpus._user_files(list(patterns))]
+    return ", ".join(f"{p} ({os.path.getsize(p)} bytes)" for p in files)
 
 
 __all__ = ["Data", "DataError", "ResumableSampler", "TokenWindows", "build_data"]

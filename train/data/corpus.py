@@ -8,7 +8,7 @@ import os
 import sysconfig
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 
 class DataError(ValueError):
@@ -30,6 +30,22 @@ def _stdlib_files(max_bytes: int) -> List[Tuple[str, str]]:
         if rel.startswith(("site-packages", "dist-packages")) or "/site-packages/" in rel:
             continue
         files.append((rel, path))
+    return _cap(files, max_bytes)
+
+
+def _pycode_files(max_bytes: int) -> List[Tuple[str, str]]:
+    """Every .py file of this Python environment: the stdlib, then site-packages (purelib, platlib),
+    each file once (by real path), named 'stdlib/...' / 'site-packages/...' for a stable hash split."""
+    paths = sysconfig.get_paths()
+    files, seen = [(f"stdlib/{rel}", p) for rel, p in _stdlib_files(0)], set()
+    seen.update(os.path.realpath(p) for _, p in files)
+    for root in dict.fromkeys((paths["purelib"], paths["platlib"])):
+        for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+            real = os.path.realpath(path)
+            if real in seen or not os.path.isfile(path):
+                continue
+            seen.add(real)
+            files.append((f"site-packages/{os.path.relpath(path, root)}", path))
     return _cap(files, max_bytes)
 
 
@@ -56,21 +72,56 @@ def _user_files(patterns: List[str]) -> List[Tuple[str, str]]:
     return files
 
 
-def list_documents(cfg) -> List[Document]:
-    """Every document of the corpus, in a fixed order."""
-    if cfg.source == "stdlib":
-        files = _stdlib_files(cfg.max_corpus_bytes)
+def _check_file(path: str) -> str:
+    """'' if the file is usable text, else why not ('empty', 'not UTF-8 (byte N)', 'unreadable (...)')."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if not raw.strip():
+        return "empty"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not UTF-8 (byte {err.start})"
+    return ""
+
+
+def report_skipped(field: str, skipped: List[Tuple[str, str]], log: Callable[[str], None]) -> None:
+    """One line per reason, naming every skipped file once."""
+    by_reason: dict = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason.split(" (")[0], []).append(path)
+    for reason, paths in by_reason.items():
+        log(f"sparsetron: {field}: skipped {len(paths)} {reason} file(s): {', '.join(paths)}")
+
+
+def list_documents(cfg, log: Callable[[str], None] = print) -> List[Document]:
+    """Every document of the corpus, in a fixed order. data.max_corpus_bytes caps the built-in stdlib
+    corpus only: the user's own files are read whole, and each one skipped (empty, not UTF-8,
+    unreadable, a jsonl with no records) is named through `log`."""
+    if cfg.source in ("stdlib", "pycode"):  # the built-in corpora: the only ones data.max_corpus_bytes caps
+        files = (_stdlib_files if cfg.source == "stdlib" else _pycode_files)(cfg.max_corpus_bytes)
         if not files:
-            raise DataError("data.source=stdlib: this Python has no standard-library sources; use data=text")
-    else:
-        files = _cap(_user_files(list(cfg.paths)), cfg.max_corpus_bytes)
-    docs = []
-    for name, path in files:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                docs += [Document(f"{name}:{i}", path, i) for i, line in enumerate(f) if line.strip()]
-        else:
+            raise DataError(f"data.source={cfg.source}: this Python has no .py sources; use data=text")
+        return [Document(name, path) for name, path in files]
+    docs, skipped = [], []
+    for name, path in _user_files(list(cfg.paths)):
+        reason = _check_file(path)
+        if not reason and path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                lines = [Document(f"{name}:{i}", path, i) for i, line in enumerate(f) if line.strip()]
+            reason = "" if lines else "empty"
+            docs += lines
+        elif not reason:
             docs.append(Document(name, path))
+        if reason:
+            skipped.append((path, reason))
+    report_skipped("data.paths", skipped, log)
+    if not docs:
+        raise DataError(f"data.paths: no usable documents in {list(cfg.paths)}: "
+                        + "; ".join(f"{p}: {r}" for p, r in skipped))
     return docs
 
 
@@ -84,6 +135,9 @@ def split(docs: List[Document], val_fraction: float) -> Tuple[List[Document], Li
         val = [min(docs, key=lambda d: zlib.crc32(d.name.encode()))]
     held = set(val)
     train = [d for d in docs if d not in held]
+    if len(docs) < 2:
+        raise DataError(f"data.paths: only one document ({docs[0].name if docs else 'none'}); at least two are "
+                        f"needed to hold one out for validation")
     if not train or not val:
         raise DataError(f"data.val_fraction={val_fraction} leaves an empty split of {len(docs)} documents")
     return train, val
@@ -94,11 +148,12 @@ def read_texts(docs: List[Document], jsonl_field: str) -> Iterator[str]:
     current_path, lines = None, []
     for doc in docs:
         if doc.line < 0:
+            # user files were checked as UTF-8 by list_documents; a few stdlib test files are not
             with open(doc.path, encoding="utf-8", errors="replace") as f:
                 yield f.read()
             continue
         if doc.path != current_path:
-            with open(doc.path, encoding="utf-8", errors="replace") as f:
+            with open(doc.path, encoding="utf-8") as f:
                 lines, current_path = f.readlines(), doc.path
         try:
             record = json.loads(lines[doc.line])

@@ -3,7 +3,7 @@ import torch
 
 
 class TokenWindows:
-    """Non-overlapping windows of seq_len + 1 tokens over a flat token array:
+    """Non-overlapping windows of seq_len + 1 tokens over a flat token array (index i is taken mod len):
     sample i is tokens[i*S : i*S + S + 1] (inputs are the first S, targets the last S)."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int):
@@ -15,7 +15,8 @@ class TokenWindows:
         return self.num_samples
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.seq_len
-        rows = np.stack([np.asarray(self.tokens[i * s : i * s + s + 1], dtype=np.int64) for i in indices])
+        s, n = self.seq_len, self.num_samples
+        # sampler indices carry their epoch (e * num_samples + i): a plain dataset repeats itself
+        rows = np.stack([np.asarray(self.tokens[(i % n) * s : (i % n) * s + s + 1], dtype=np.int64) for i in indices])
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]

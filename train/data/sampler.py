@@ -3,7 +3,11 @@
 The state is one integer, `consumed_samples` (Megatron's habit): global step b uses samples
 perm_e[b*G : (b+1)*G] of epoch e's permutation, where G is the global batch. Rank r's
 accumulation step a takes the slice starting at (a*dp + r)*micro. So any (dp, micro, accumulation)
-split of the same global batch sees the same samples, and resuming needs only the counter."""
+split of the same global batch sees the same samples, and resuming needs only the counter.
+
+An index carries its epoch: epoch e's indices are e*num_samples + perm_e[...]. A plain dataset takes
+them modulo its length; a blended one (blend.py) uses the epoch to walk on through a down-weighted
+source instead of drawing the same subset every epoch."""
 
 from typing import List
 
@@ -43,11 +47,11 @@ class ResumableSampler:
         """This rank's micro-batches (sample indices) for optimizer step `step` (a pure function)."""
         epoch, b = divmod(step, self.steps_per_epoch)
         perm = self._permutation(epoch)
-        start = b * self.global_batch
+        start, base = b * self.global_batch, epoch * self.num_samples
         micro = []
         for a in range(self.accumulation_steps):
             offset = start + (a * self.dp_size + self.dp_rank) * self.micro_batch
-            micro.append(perm[offset : offset + self.micro_batch].tolist())
+            micro.append((perm[offset : offset + self.micro_batch] + base).tolist())
         return micro
 
     def next_step(self) -> List[List[int]]:

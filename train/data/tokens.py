@@ -1,6 +1,8 @@
 """Token arrays on disk (flat uint16/uint32 memmaps, the nanoGPT/Megatron habit), built once per
 (corpus, tokenizer) and cached; written to a temp file and renamed so a crash never leaves half a file."""
 
+import hashlib
+import json
 import os
 from typing import Iterable, List
 
@@ -78,3 +80,59 @@ def open_tokens(paths: List[str], dtype: str) -> ShardedTokens:
                             f"check data.memmap_dtype")
         arrays.append(np.memmap(p, dtype=dtype, mode="r"))
     return ShardedTokens(arrays)
+
+
+CHECK_CHUNK = 1 << 24  # tokens per read when scanning a shard (32-64 MB)
+
+
+def _max_id(path: str, dtype: str) -> int:
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    top = 0
+    for lo in range(0, len(arr), CHECK_CHUNK):
+        top = max(top, int(arr[lo : lo + CHECK_CHUNK].max()))
+    return top
+
+
+def _first_at_least(path: str, dtype: str, limit: int) -> int:
+    arr = np.memmap(path, dtype=dtype, mode="r")
+    for lo in range(0, len(arr), CHECK_CHUNK):
+        bad = np.flatnonzero(arr[lo : lo + CHECK_CHUNK] >= limit)
+        if len(bad):
+            return lo + int(bad[0])
+    return -1
+
+
+def shard_max_id(path: str, dtype: str, cache_dir: str) -> int:
+    """The largest token id in a shard, scanned completely once and cached by (path, size, mtime):
+    later runs on the same unchanged file read only the small verdict."""
+    st = os.stat(path)
+    key = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": str(dtype)}
+    name = hashlib.sha1(key["path"].encode()).hexdigest()[:20] + ".json"
+    cached = os.path.join(cache_dir, "token-checks", name)
+    try:
+        with open(cached) as f:
+            record = json.load(f)
+        if {k: record.get(k) for k in key} == key:
+            return int(record["max_id"])
+    except (OSError, ValueError, KeyError):
+        pass  # no or stale verdict: scan
+    top = _max_id(path, dtype)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({**key, "max_id": top}, f)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs a rescan next time
+    return top
+
+
+def check_ids(paths: List[str], dtype: str, vocab_size: int, field: str, cache_dir: str) -> None:
+    """Every token id of every shard < vocab_size, or one DataError naming the shard and position."""
+    for p in paths:
+        if shard_max_id(p, dtype, cache_dir) >= vocab_size:
+            pos = _first_at_least(p, dtype, vocab_size)
+            bad = int(np.memmap(p, dtype=dtype, mode="r")[pos])
+            raise DataError(f"{field}: {p}: token id {bad} at position {pos} >= model.vocab_size={vocab_size}; "
+                            f"check data.memmap_dtype or model.vocab_size")
