@@ -345,7 +345,9 @@ def _fake_env(tmp_path, worker=False):
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path),
                SPARSETRON_TRACE_DIR=str(tmp_path / "trace"), TORCHRUN="torchrun")  # the fake, not launch/agent.py
-    for key in [k for k in env if k.startswith("SLURM_")] + ["NNODES", "MASTER_ADDR", "NPROC"]:
+    # an in-process single-rank DeepSpeed run earlier in the session leaves MASTER_PORT/RANK/... in os.environ
+    for key in [k for k in env if k.startswith("SLURM_")] + ["NNODES", "MASTER_ADDR", "MASTER_PORT", "NPROC", "RANK",
+                                                              "LOCAL_RANK", "WORLD_SIZE"]:
         env.pop(key, None)
     if worker:
         (tmp_path / "worker.py").write_text(FAKE_WORKER)
