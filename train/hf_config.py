@@ -43,10 +43,12 @@ def _refuse_unsupported(hf: dict, where: str) -> None:
     if hf.get("quantization_config"):
         raise CheckpointError(f"{where}: quantization_config is not supported: sparsetron loads unquantized weights "
                               f"(dequantize the checkpoint first)")
-    partial = hf.get("partial_rotary_factor")
-    if partial is not None and partial != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor={partial} is not supported: sparsetron rotates the "
-                              f"whole head (only 1.0)")
+    _refuse_partial_rotary(hf.get("partial_rotary_factor"), where, "partial_rotary_factor")
+
+
+def _refuse_partial_rotary(value, where: str, field: str) -> None:
+    if value is not None and value != 1.0:
+        raise CheckpointError(f"{where}: {field}={value} is not supported: sparsetron rotates the whole head (only 1.0)")
 
 
 def _rope_fields(hf: dict, where: str, max_positions: int) -> Dict[str, Any]:
@@ -61,10 +63,7 @@ def _rope_fields(hf: dict, where: str, max_positions: int) -> Dict[str, Any]:
     if kind not in SUPPORTED_ROPE:
         raise CheckpointError(f"{where}: {source}.rope_type={kind!r} is not supported (supported: "
                               f"{', '.join(SUPPORTED_ROPE)})")
-    partial = rope.get("partial_rotary_factor")
-    if partial is not None and partial != 1.0:
-        raise CheckpointError(f"{where}: {source}.partial_rotary_factor={partial} is not supported: sparsetron "
-                              f"rotates the whole head (only 1.0)")
+    _refuse_partial_rotary(rope.get("partial_rotary_factor"), where, f"{source}.partial_rotary_factor")
     theta = rope.get("rope_theta")
     fields: Dict[str, Any] = {"rope_type": kind, "rope_theta": float(_get(hf, "rope_theta") if theta is None else theta)}
     if kind == "default":
