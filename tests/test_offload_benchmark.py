@@ -26,9 +26,14 @@ def test_zero_offload_benchmark_smoke(tmp_path):
     for (kind, impl, _), a in ran.items():
         assert a["optimizer"] == ("DeepSpeedCPUAdam" if impl == "cpu_adam" else "AdamW"), (kind, impl, a["optimizer"])
         assert a["tokens_per_s"] > 0 and len(a["step_s"]) == report["steps"]
-    assert set(report["ratio_vs_deepspeed_cpu_adam"]) == {"cpu:dry"} and report["ratio_vs_deepspeed_cpu_adam"]["cpu:dry"] > 0
-    assert set(report["ratio_vs_deepspeed_torch_adamw"]) == {"cpu:dry"}
-    assert report["same_json"] == {"cpu:cpu_adam:dry": True, "cpu:torch:dry": True}  # the anchor trains the same JSON
+    modes = {"cpu:dry", "nvme:dry"} if report["aio"] == "ok" else {"cpu:dry"}  # NVMe rows only where libaio builds
+    assert set(report["ratio_vs_deepspeed_cpu_adam"]) == modes
+    assert all(r > 0 for r in report["ratio_vs_deepspeed_cpu_adam"].values())
+    assert set(report["ratio_vs_deepspeed_torch_adamw"]) == modes
+    # the anchor trains the same JSON under CPU offload; under NVMe the tuning reads free RAM at each start, so the
+    # two sides can differ (sub_group_size, buffers): recorded in same_json, to be pinned before NVMe is measured
+    assert {k: v for k, v in report["same_json"].items() if k.startswith("cpu:")} == {
+        "cpu:cpu_adam:dry": True, "cpu:torch:dry": True}
     assert report["largest_params_cpu_offload"] == ran[("sparsetron", "cpu_adam", "dry2")]["params"]
     huge = next(a for a in report["attempts"] if a["size"] == "dry_huge" and a["mode"] == "cpu")
     assert "of host RAM on this node" in huge["skipped"]  # refused by the estimate, never started
