@@ -123,7 +123,8 @@ def correctness(report, device):
             k = torch.randn(1, hkv, s, D, device=device, dtype=dtype, requires_grad=True)
             v = torch.randn(1, hkv, s, D, device=device, dtype=dtype, requires_grad=True)
             idx, cnt = bench_lists(s, hkv, device)
-            cfg = {key: next(c for c in cfgs if len(c) == 4 and c[3] == heads) for key, cfgs in SWEEP.items()}
+            cfg = {key: next((c for c in cfgs if len(c) >= 4 and c[3] == heads), None) for key, cfgs in SWEEP.items()}
+            cfg = {key: c for key, c in cfg.items() if c is not None}  # no packed candidate: the default
             name = f"core_{str(dtype)[6:]}_hq{hq}_hkv{hkv}_s{s}_heads{heads}"
             try:
                 with pinned_configs(cfg):
@@ -352,20 +353,27 @@ def run_nsa(report, s, device, save, breakdown=False):
 # into `stages` shared-memory buffers. Registers / spill bytes per thread, shared memory:
 #   fwd (64,4,3) 173 regs 112 KB; (64,8,3,2) 171, 128 KB; heads 4 at 8 warps 255 regs (spill 0-16 B)
 #   dQ  (64,4,3) 185 regs 128 KB; (64,8,3,2) 184, 160 KB; (32,8,3,4) spills 80 B, 224 KB
-#   dK/dV (64,8,3) 255 regs, no spill, 129 KB; (32,8,3) spills 160 B; heads 2 spill 230-370 B;
-#   (32,8,3,4) needs 424 KB of shared memory (more than an SM has): it cannot launch.
-# IDX_PREFETCH=1 (flat loops, next block number read one iteration early): same buffers and about
-# the same registers at sub-tile = block (dK/dV (64,8,3) 248 regs); with sub-tile < block one K/V
-# (q/dO) sub-tile per stage instead of all of a block's: (32,8,3,4) fwd 112 KB no spill, dK/dV
-# (32,8,3) 80 KB 180 regs no spill, dK/dV (32,8,3,4) 226 KB (launchable). Same results bit for bit.
+# dK/dV (query-major score tile of heads * entries * sub-tile rows; entries = reverse-list query blocks
+# stacked per step, function._dkdv_entries: 64 rows per warpgroup): (64,8,2,1,1) = 2 entries, 128 rows,
+# 229 regs, 181 KB; (64,8,2,2,1) 227 regs 181 KB; (32,8,2,1,1) = 4 entries, same tile; 3 stages of
+# 128-row q/dO tiles need 248 KB (cannot launch); (64,4,3,1,1) 64 rows spills 84 B, (64,4,2,1,1) 56 B.
+# IDX_PREFETCH=1 (flat loops, next block number read one iteration early): same results bit for bit.
 # 16 warps (128 regs cap) spill more in every kernel, so none are listed.
 SWEEP = {
     "fwd": ((64, 4, 3), (64, 4, 4), (64, 8, 3, 2), (64, 8, 4, 2), (64, 8, 3, 4), (32, 8, 3, 4),
             (64, 4, 3, 1, 1), (64, 8, 3, 2, 1), (32, 8, 4, 4, 1)),
     "dq": ((64, 8, 2), (64, 4, 3), (64, 8, 3), (64, 8, 3, 2), (32, 8, 3, 2), (32, 8, 3, 4),
            (64, 4, 3, 1, 1), (64, 8, 3, 1, 1), (64, 8, 3, 2, 1), (32, 8, 4, 2, 1)),
-    "bwd": ((64, 8, 2), (64, 8, 3), (32, 8, 3), (64, 8, 2, 2), (64, 8, 3, 2), (32, 8, 3, 4),
-            (64, 8, 3, 1, 1), (64, 8, 2, 1, 1), (32, 8, 3, 1, 1), (32, 8, 4, 1, 1), (32, 8, 3, 4, 1)),
+    "bwd": ((64, 8, 2, 1, 1), (64, 8, 2, 2, 1), (64, 8, 2, 1), (32, 8, 2, 1, 1), (32, 8, 3, 1, 1),
+            (64, 4, 3, 1, 1), (64, 4, 2, 1, 1), (64, 4, 3, 2, 1)),
+}
+# 128-token blocks (the Flex comparison): whole 128-key K/V tiles in the forward / dQ loops, whole
+# 128-query blocks as the dK/dV rows (sm_90, triton 3.6: fwd (128,8,2,1,1) 248 regs 160 KB, dK/dV
+# (128,8,2,1,1) 226 regs 181 KB, no spills)
+SWEEP_128 = {
+    "fwd": ((64, 8, 2), (128, 8, 2), (128, 8, 2, 1, 1), (64, 8, 3, 1, 1), (64, 8, 2, 2, 1)),
+    "dq": ((64, 8, 2), (64, 8, 2, 1, 1), (128, 8, 2, 1, 1), (32, 8, 3, 1, 1)),
+    "bwd": ((128, 8, 2, 1, 1), (64, 8, 2, 1, 1), (64, 8, 2, 2, 1), (64, 4, 3, 1, 1)),
 }
 # best config with one head per program, for shapes whose GQA group a packed choice does not divide
 UNPACKED_CHOICE: dict = {}
@@ -395,7 +403,7 @@ def configs_for_group(g):
     return out
 
 
-def sweep_configs(report, device, s=32768, hkv=8):
+def sweep_configs(report, device, s=32768, hkv=8, keys=("fwd", "dq", "bwd")):
     """Pick the launch configs on one 32K GQA-4 problem (fwd and fwd+bwd separately). Each config's
     output and gradients are compared with the default config's on the same inputs first."""
     q = torch.randn(1, HQ, s, D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -440,9 +448,9 @@ def sweep_configs(report, device, s=32768, hkv=8):
     fwd = lambda: timed(lambda: sparse_attention_core(q, k, v, idx, cnt, BLOCK)[0])  # noqa: E731
     fwdbwd = lambda: timed(lambda: sparse_attention_core(q, k, v, idx, cnt, BLOCK)[0].backward(do),  # noqa: E731
                            grad_to_none=[q, k, v])
-    pick("fwd", SWEEP["fwd"], fwd)
-    pick("dq", SWEEP["dq"], fwdbwd)
-    pick("bwd", SWEEP["bwd"], fwdbwd)
+    sweep = SWEEP_128 if BLOCK == 128 else SWEEP
+    for key in keys:
+        pick(key, sweep[key], fwd if key == "fwd" else fwdbwd)
     res["fwdbwd_atomic_dq"] = timed(lambda: sparse_attention_core(q, k, v, idx, cnt, BLOCK, atomic_dq=True)[0].backward(do),
                                     grad_to_none=[q, k, v])
     report["config_sweep_32k_ms"] = res
@@ -462,6 +470,7 @@ def main():
     ap.add_argument("--block", type=int, default=64, help="mask block size (64, or 128 where Flex's backward compiles)")
     ap.add_argument("--no-nsa", action="store_true")
     ap.add_argument("--split-only", action="store_true", help="only the per-kernel split at the first seq / GQA")
+    ap.add_argument("--sweep-keys", default="fwd,dq,bwd", help="which kernels' launch configs to sweep")
     args = ap.parse_args()
     global BLOCK, FLEX_OPTS
     BLOCK = args.block
@@ -486,7 +495,7 @@ def main():
         correctness(report, device)
         save()
     if not args.no_sweep:
-        sweep_configs(report, device)
+        sweep_configs(report, device, keys=tuple(args.sweep_keys.split(",")))
         save()
     if args.sweep_only:
         print("correct:", report["correct"])

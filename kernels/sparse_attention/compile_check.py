@@ -41,12 +41,12 @@ class Recorder:
         return call
 
 
-def capture(hq=32, hkv=8, s=1024, d=128, block=64, window=None, varlen=False, sel=16):
+def capture(hq=32, hkv=8, s=1024, d=128, block=64, window=None, varlen=False, sel=16, dtype=torch.bfloat16):
     torch.manual_seed(0)
     z = 1 if varlen else 2
-    q = torch.randn(z, hq, s, d, dtype=torch.bfloat16)
-    k = torch.randn(z, hkv, s, d, dtype=torch.bfloat16)
-    v = torch.randn(z, hkv, s, d, dtype=torch.bfloat16)
+    q = torch.randn(z, hq, s, d, dtype=dtype)
+    k = torch.randn(z, hkv, s, d, dtype=dtype)
+    v = torch.randn(z, hkv, s, d, dtype=dtype)
     nb = (s // 2 if varlen else s) // block  # blocks per sequence
     n_seq = 2 if varlen else z
     idx = torch.randint(0, nb, (n_seq, hkv, nb, sel), dtype=torch.int32)

@@ -122,7 +122,8 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
 # number one iteration early, so the pipelined tile copies never wait on an index load (see
 # kernel_fwd.py); same results bit for bit. "bwd_chunk": the most reverse-list entries one dK/dV
 # program takes (default: from DKDV_WORKSPACE_BYTES, see dkdv_schedule); "bwd_kv": keys per dK/dV
-# program (see _dkdv_kv_slice).
+# program (see _dkdv_kv_slice); "bwd_entries": reverse-list entries stacked per dK/dV step (see
+# _dkdv_entries).
 CONFIG_OVERRIDE: dict = {}
 ALLOWED_HEADS_PER_PROGRAM = (1, 2, 4)
 
@@ -185,14 +186,31 @@ def _dq_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
 
 def _bwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
     """(query sub-tile, warps, stages, heads per program, index prefetch) of the dK/dV kernel (two
-    fp32 accumulators of block x d)."""
+    fp32 accumulators of KV slice x d; the query-major score tile stacks _dkdv_entries reverse-list
+    entries so it has 64 rows per warpgroup)."""
     if interpreting():
         default = (block, 4, 1)
-    elif block <= 64 and d <= 128:
-        default = (block, 4 if d <= 64 else 8, 3, 1, 1)
-    else:  # a 128-key block runs as two 64-key slices (_dkdv_kv_slice); this fits without spills
-        default = (32, 4, 2, 1, int(d > 128))
+    elif d <= 64:
+        default = (min(block, 64), 4, 3, 1, 1)
+    elif d <= 128:  # 128 score rows on two warpgroups; 2 stages of 128-row q/dO tiles fit shared memory
+        default = (min(block, 128), 8, 2, 1, 1)
+    else:  # 64 rows of 256-wide q/dO tiles; a 128-key block runs as 32-key slices (_dkdv_kv_slice)
+        default = (min(block, 32), 4, 2, 1, 1)
     return _resolve_config("bwd", default, block, group)
+
+
+ALLOWED_DKDV_ENTRIES = (1, 2, 4, 8)
+
+
+def _dkdv_entries(sub_m: int, heads: int, warps: int) -> int:
+    """Reverse-list entries (query blocks) one dK/dV step stacks into its query-major tile: enough
+    that the score tile has 64 rows per warpgroup (wgmma's M). Fewer rows than that and Triton lays
+    the chained score dots out over 64 rows per warpgroup anyway: the warpgroups compute copies."""
+    default = 1 if interpreting() else max(1, min(8, (16 * warps) // (sub_m * heads)))
+    entries = CONFIG_OVERRIDE.get("bwd_entries", default)
+    if entries not in ALLOWED_DKDV_ENTRIES:
+        raise ValueError(f"CONFIG_OVERRIDE['bwd_entries'] must be one of {ALLOWED_DKDV_ENTRIES}, got {entries!r}")
+    return entries
 
 
 def _dkdv_kv_slice(block: int, d: int) -> int:
@@ -295,7 +313,8 @@ def _backward(q, k, v, o, lse, do, idx, cnt, block, cu_q, cu_k, window, sm_scale
         sq, sk, sm_scale * LOG2E, sm_scale, window or 0, n_rows, nkb, chunk,
         HKV=hkv, G=hq // hkv, D=d, BLOCK=block, BLOCK_M=sub_m,
         K_STRIDE=key_stride, K_OFF=key_offset, VARLEN=cu_q is not None, HAS_WINDOW=window is not None,
-        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, KV_SUB=kv_sub, IDX_PREFETCH=prefetch, num_warps=warps,
+        ATOMIC_DQ=atomic_dq, HEADS_PER_PROGRAM=heads, KV_SUB=kv_sub, IDX_PREFETCH=prefetch,
+        ENTRIES=_dkdv_entries(sub_m, heads, warps), num_warps=warps,
         num_stages=stages, **fp32_dot_options(),
     )
     n_split_bound = min(n_rows, n_sub * rev_idx.numel() // chunk)  # a split row has more than `chunk` entries
@@ -356,17 +375,21 @@ def sparse_attention_core(
     for config in (_fwd_config, _dq_config, _bwd_config):  # a bad CONFIG_OVERRIDE fails before any work
         config(q.shape[-1], block_size, q.shape[1] // k.shape[1], q.element_size())
     _dkdv_kv_slice(block_size, q.shape[-1])
+    sub_m, bwd_warps, _, bwd_heads, _ = _bwd_config(q.shape[-1], block_size, q.shape[1] // k.shape[1],
+                                                    q.element_size())
+    _dkdv_entries(sub_m, bwd_heads, bwd_warps)
     chunk = CONFIG_OVERRIDE.get("bwd_chunk")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"CONFIG_OVERRIDE['bwd_chunk'] must be a positive int (reverse-list entries per dK/dV program), got {chunk!r}")
     if cu_seqlens_q is not None and cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    _meta(q, k, cu_seqlens_q, cu_seqlens_k, block_size, block_idx)  # too few query blocks: an error on every path
     if block_count is None:
         block_count = torch.full(block_idx.shape[:3], block_idx.shape[3], dtype=torch.int32, device=block_idx.device)
     if sm_scale is None:
         sm_scale = q.shape[-1] ** -0.5
     if q.dtype == torch.float64 or not triton_usable(q, k, v):
+        # too few query blocks is an error here as on the Triton path (where _forward checks it)
+        _meta(q, k, cu_seqlens_q, cu_seqlens_k, block_size, block_idx)
         return reference_block_sparse_attention(
             q, k, v, block_idx, block_count, block_size, cu_seqlens_q, cu_seqlens_k, window, sm_scale,
             key_stride, key_offset,

@@ -39,28 +39,34 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, offs_d, n_valid, kpos, q_len,
-               sqs, sdos, sdqs, qk_scale, sm_scale, window, HAS_WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK/dV contributions of the (stacked) query rows offs_m; the *_base pointers already hold each
-    row's head. Returns the new (dk, dv); with ATOMIC_DQ also adds these rows' dQ."""
-    m_valid = offs_m < q_len
+def _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, offs_m, row_ok, offs_d, n_valid, kpos, q_len,
+               sqs, sdos, sdqs, qk_scale, sm_scale, window, HAS_WINDOW: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """dK/dV contributions of the stacked query rows offs_m (row_ok False: a padding row); the *_base
+    pointers already hold each row's head. Query-major: s = q k^T has one row per query, so the
+    score tile has as many rows as the program stacks (>= 64 per warpgroup, the wgmma M) and
+    dV += p^T dO, dK += ds^T q take the transposed tiles from shared memory. (Key-major s^T = k q^T
+    would have only the block's keys as rows: with 8 warps Triton then lays the two chained score
+    dots out over 128 rows and both warpgroups compute the same 64.) Returns the new (dk, dv); with
+    ATOMIC_DQ also adds these rows' dQ."""
+    m_valid = row_ok & (offs_m < q_len)
     q = tl.load(q_base + offs_m[:, None] * sqs + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdos + offs_d[None, :], mask=m_valid[:, None], other=0.0)
     lse = tl.load(l_base + offs_m, mask=m_valid, other=float("inf"))
     # rows that saw no key have lse -inf; +inf makes their p exactly 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(d_base + offs_m, mask=m_valid, other=0.0)
-    s_t = _dot(k, tl.trans(q), DOT_PRECISION) * qk_scale
-    keep = m_valid[None, :] & n_valid[:, None] & (kpos[:, None] <= offs_m[None, :])
+    s = _dot(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    keep = m_valid[:, None] & n_valid[None, :] & (kpos[None, :] <= offs_m[:, None])
     if HAS_WINDOW:
-        keep = keep & ((offs_m[None, :] - kpos[:, None]) < window)
-    p_t = tl.where(keep, tl.exp2(s_t - lse2[None, :]), 0.0)
-    dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
-    dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+        keep = keep & ((offs_m[:, None] - kpos[None, :]) < window)
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION)
+    dp = _dot(do, tl.trans(v), DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
     if ATOMIC_DQ:
-        dq = _dot(tl.trans(ds_t.to(k.dtype)), k, DOT_PRECISION) * sm_scale
+        dq = _dot(ds.to(k.dtype), k, DOT_PRECISION) * sm_scale
         tl.atomic_add(dq_base + offs_m[:, None] * sdqs + offs_d[None, :], dq, mask=m_valid[:, None])
     return dk, dv
 
@@ -74,7 +80,7 @@ def _bwd_dkdv_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     K_STRIDE: tl.constexpr, K_OFF: tl.constexpr, VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, KV_SUB: tl.constexpr,
-    IDX_PREFETCH: tl.constexpr = False,
+    IDX_PREFETCH: tl.constexpr = False, ENTRIES: tl.constexpr = 1,
     DOT_PRECISION: tl.constexpr = "ieee",
 ):
     item = tl.program_id(0)
@@ -111,19 +117,21 @@ def _bwd_dkdv_kernel(
     rev_row = REV_OFF + (z * HKV + hkv) * srev + pid_n
     r0 = tl.load(rev_row) + tl.load(ITEM_CHUNK + item) * chunk  # this program's slice of the reverse list
     r1 = tl.minimum(tl.load(rev_row + 1), r0 + chunk)
-    # column r of the stacked (q, dO) tile: head r // BLOCK_M of the current head group,
-    # position r % BLOCK_M within the query sub-tile
-    r = tl.arange(0, HEADS_PER_PROGRAM * BLOCK_M)
-    r_head = r // BLOCK_M
+    # row r of the stacked (q, dO) tile: head r // (ENTRIES * BLOCK_M) of the current head group,
+    # reverse-list entry (r // BLOCK_M) % ENTRIES of the current step, position r % BLOCK_M within
+    # the query sub-tile. A step past the list's end pads with rows that contribute nothing.
+    r = tl.arange(0, HEADS_PER_PROGRAM * ENTRIES * BLOCK_M)
+    r_head = r // (ENTRIES * BLOCK_M)
+    r_ent = (r // BLOCK_M) % ENTRIES
     r_pos = r % BLOCK_M
     NG: tl.constexpr = G // HEADS_PER_PROGRAM
     if IDX_PREFETCH:
-        # one flat loop over (head group, selecting query block, query sub-tile): the copy pipeline
-        # runs on across head groups instead of draining and refilling per group, and the next
-        # step's query block number is read one iteration early (loop-carried)
+        # one flat loop over (head group, step of ENTRIES selecting query blocks, query sub-tile):
+        # the copy pipeline runs on across head groups instead of draining and refilling per group,
+        # and the next step's query block numbers are read one iteration early (loop-carried)
         SUB: tl.constexpr = BLOCK // BLOCK_M
-        total = NG * (r1 - r0) * SUB
-        qb = tl.load(REV_IDX + r0, mask=total > 0, other=0)
+        total = NG * ((r1 - r0 + ENTRIES - 1) // ENTRIES) * SUB
+        qb = tl.load(REV_IDX + r0 + r_ent, mask=r0 + r_ent < r1, other=-1)
         j = r0
         g = r0 * 0
         for t in range(total):
@@ -132,14 +140,15 @@ def _bwd_dkdv_kernel(
                 k, v, dk, dv, Q + bz * sqz + head[:, None] * sqh + q_start * sqs,
                 DO + bz * sdoz + head[:, None] * sdoh + q_start * sdos, LSE + bz * slz + head * slh + q_start,
                 DELTA + bz * slz + head * slh + q_start, DQ + bz * sdqz + head[:, None] * sdqh + q_start * sdqs,
-                qb * BLOCK + (t % SUB) * BLOCK_M + r_pos, offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs,
+                qb * BLOCK + (t % SUB) * BLOCK_M + r_pos, qb >= 0, offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs,
                 qk_scale, sm_scale, window, HAS_WINDOW, ATOMIC_DQ, DOT_PRECISION)
-            # advance to step t + 1: next query block after the last sub-tile, next head group after the last block
-            j = tl.where((t + 1) % SUB == 0, j + 1, j)
-            wrap = j == r1
+            # advance to step t + 1: next entries after the last sub-tile, next head group after the list's end
+            j = tl.where((t + 1) % SUB == 0, j + ENTRIES, j)
+            wrap = j >= r1
             j = tl.where(wrap, r0, j)
             g = tl.where(wrap, g + 1, g)
-            qb = tl.load(REV_IDX + j, mask=t + 1 < total, other=0)
+            j_next = tl.where(t + 1 < total, j, r1)  # past the last step: no load
+            qb = tl.load(REV_IDX + j_next + r_ent, mask=j_next + r_ent < r1, other=-1)
     else:
         for g in range(NG):
             head = hkv * G + g * HEADS_PER_PROGRAM + r_head
@@ -148,12 +157,12 @@ def _bwd_dkdv_kernel(
             l_base = LSE + bz * slz + head * slh + q_start
             d_base = DELTA + bz * slz + head * slh + q_start
             dq_base = DQ + bz * sdqz + head[:, None] * sdqh + q_start * sdqs
-            for j in range(r0, r1):
-                qb = tl.load(REV_IDX + j)
+            for j in range(r0, r1, ENTRIES):
+                qb = tl.load(REV_IDX + j + r_ent, mask=j + r_ent < r1, other=-1)
                 for c in tl.static_range(0, BLOCK, BLOCK_M):
                     dk, dv = _dkdv_tile(k, v, dk, dv, q_base, do_base, l_base, d_base, dq_base, qb * BLOCK + c + r_pos,
-                                        offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs, qk_scale, sm_scale, window,
-                                        HAS_WINDOW, ATOMIC_DQ, DOT_PRECISION)
+                                        qb >= 0, offs_d, n_valid, kpos, q_len, sqs, sdos, sdqs, qk_scale, sm_scale,
+                                        window, HAS_WINDOW, ATOMIC_DQ, DOT_PRECISION)
 
     if tl.load(ROW_CHUNKS + row) == 1:
         dk = dk * sm_scale
