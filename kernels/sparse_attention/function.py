@@ -192,8 +192,10 @@ def _bwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
         default = (block, 4, 1)
     elif d <= 64:
         default = (min(block, 64), 4, 3, 1, 1)
-    elif d <= 128:  # 128 score rows on two warpgroups; 2 stages of 128-row q/dO tiles fit shared memory
-        default = (min(block, 128), 8, 2, 1, 1)
+    elif d <= 128 and block <= 64:  # 64 score rows, one warpgroup, two programs per SM (fastest in the 32K sweep)
+        default = (block, 4, 2, 1, 1)
+    elif d <= 128:  # 128-token blocks as 128 score rows on two warpgroups; 2 stages fit shared memory
+        default = (128, 8, 2, 1, 1)
     else:  # 64 rows of 256-wide q/dO tiles; a 128-key block runs as 32-key slices (_dkdv_kv_slice)
         default = (min(block, 32), 4, 2, 1, 1)
     return _resolve_config("bwd", default, block, group)
