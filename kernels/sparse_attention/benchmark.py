@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import time
 
 import torch
@@ -460,6 +461,17 @@ def sweep_configs(report, device, s=32768, hkv=8, keys=("fwd", "dq", "bwd")):
     print("sweep", res, "chosen", fn.CONFIG_OVERRIDE, "unpacked", UNPACKED_CHOICE)
 
 
+def _commit() -> str:
+    """The measured commit: SPARSETRON_COMMIT (a copy without .git, as on the device machine) or git."""
+    if os.environ.get("SPARSETRON_COMMIT"):
+        return os.environ["SPARSETRON_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="65536,32768,8192")
@@ -480,6 +492,7 @@ def main():
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
     path = os.path.join(out_dir, "sparse_attention.json" if BLOCK == 64 else f"sparse_attention_block{BLOCK}.json")
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "commit": _commit(),
               "dtype": "bfloat16", "block": BLOCK, "head_dim": D, "q_heads": HQ,
               "mask": f"per query block: window {WINDOW} tokens as blocks + {N_SELECT} more (block 0 + random past)",
               "flops": "4*B*B*D per computed (query block, KV block, head) tile fwd; x3.5 fwd+bwd",
