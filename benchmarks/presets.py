@@ -203,6 +203,8 @@ def run_anchor(kind: str, ran, device, args) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 def commit() -> str:
+    if os.environ.get("SPARSETRON_COMMIT"):  # a copy without .git (the device machine)
+        return os.environ["SPARSETRON_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout

@@ -48,6 +48,10 @@ def _check(q, k, v, block_idx, block_count, block_size, cu_q, cu_k, window):
         raise ValueError("cu_seqlens_k needs cu_seqlens_q with the same number of sequences")
     if window is not None and window <= 0:
         raise ValueError(f"window must be a positive number of tokens or None, got {window}")
+    if q.is_cuda and q.dtype == torch.float32 and d > 128 and block_size > 64:
+        # the dQ program holds a whole 128-query block of fp32 q, dO and dQ rows: 384 KB at head dim 256
+        raise ValueError("float32 inputs with head_dim > 128 need block_size <= 64 on a GPU (a 128-token block's fp32 "
+                         "tiles exceed an SM's shared memory); use bfloat16/float16 inputs or block_size 64")
 
 
 def reverse_block_index(block_idx: torch.Tensor, block_count: torch.Tensor, n_kv_blocks: int):
@@ -166,9 +170,13 @@ def _fwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
         default = (block, 4, 1)
     elif block <= 64 and d <= 128:
         default = (block, 8, 3, 4) if _packs(group, 4, elem_bytes) else (block, 4, 3)
-    else:  # 3 stages of a 128-key block or of 256-wide rows overflow shared memory (compile_check.py);
+    elif elem_bytes > 2:  # fp32 tiles of 128-token blocks or 256-wide rows: 32-key sub-tiles fit
+        default = (32, 8, 2, 1, 1)
+    elif d <= 128:  # 128-token blocks: the block-128 sweep's choice (2 heads, 256 rows, 64-key sub-tiles)
+        default = (64, 8, 2, 2, 1) if _packs(group, 2, elem_bytes) else (64, 8, 2)
+    else:  # 3 stages of 256-wide rows overflow shared memory (compile_check.py);
         # the flat loop holds one sub-tile's buffers, not a whole block's, per stage
-        default = (min(block, 64), 8, 2, 1, int(d > 128))
+        default = (min(block, 64), 8, 2, 1, 1)
     return _resolve_config("fwd", default, block, group)
 
 
@@ -179,8 +187,12 @@ def _dq_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
         default = (block, 4, 1)
     elif block <= 64 and d <= 128:
         default = (block, 8, 3, 2) if _packs(group, 2, elem_bytes) else (block, 4, 3, 1, 1)
+    elif elem_bytes > 2:  # fp32: one stage of 32-key sub-tiles beside the block's q/dO/dQ tiles
+        default = (32, 8, 1, 1, 1)
+    elif d <= 128:  # 128-token blocks: the block-128 sweep's choice
+        default = (32, 8, 3, 1, 1)
     else:  # fits shared memory without register spills on sm_90 (compile_check.py); flat loop as in fwd
-        default = (min(block, 64 if d <= 128 else 32), 8, 2, 1, int(d > 128))
+        default = (32, 8, 2, 1, 1)
     return _resolve_config("dq", default, block, group)
 
 
@@ -194,8 +206,9 @@ def _bwd_config(d: int, block: int, group: int = 1, elem_bytes: int = 2):
         default = (min(block, 64), 4, 3, 1, 1)
     elif d <= 128 and block <= 64:  # 64 score rows, one warpgroup, two programs per SM (fastest in the 32K sweep)
         default = (block, 4, 2, 1, 1)
-    elif d <= 128:  # 128-token blocks as 128 score rows on two warpgroups; 2 stages fit shared memory
-        default = (128, 8, 2, 1, 1)
+    elif d <= 128:  # 128-token blocks: 128 score rows on two warpgroups (2 packed heads of 64-query
+        # sub-tiles where the group allows: the block-128 sweep's choice); 2 stages fit shared memory
+        default = (64, 8, 2, 2, 1) if _packs(group, 2, elem_bytes) else (128, 8, 2, 1, 1)
     else:  # 64 rows of 256-wide q/dO tiles; a 128-key block runs as 32-key slices (_dkdv_kv_slice)
         default = (min(block, 32), 4, 2, 1, 1)
     return _resolve_config("bwd", default, block, group)

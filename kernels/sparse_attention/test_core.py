@@ -433,3 +433,13 @@ def test_bad_stacked_entries_is_refused(monkeypatch):
     monkeypatch.setitem(fn.CONFIG_OVERRIDE, "bwd_entries", 3)
     with pytest.raises(ValueError, match=r"CONFIG_OVERRIDE\['bwd_entries'\] must be one of \(1, 2, 4, 8\), got 3"):
         sparse_attention_core(q, q[:, :1], q[:, :1], idx, None, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the shared-memory limit is a GPU's")
+def test_fp32_head_dim_256_with_128_token_blocks_is_refused_on_gpu():
+    q = torch.randn(1, 2, 128, 256, device="cuda")
+    idx = torch.zeros(1, 2, 1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"float32 inputs with head_dim > 128 need block_size <= 64"):
+        sparse_attention_core(q, q, q, idx, None, 128)
+    out, _ = sparse_attention_core(q.bfloat16(), q.bfloat16(), q.bfloat16(), idx, None, 128)  # the alternative runs
+    assert torch.isfinite(out).all()
