@@ -7,7 +7,7 @@ recomputed from H inside the first backward kernel) and no expert outputs (the r
 gradient is <dy[token] @ W2, act>, computed in that same epilogue).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -132,7 +132,8 @@ def experts_backward(dout, x, w_gate_up, w_down, h, routing: Routing, blk: Block
     dh = torch.empty_like(h)
     actw = torch.empty(a_n, f, dtype=x.dtype, device=x.device)
     n_tiles_f = triton.cdiv(f, blk.up_n)
-    dweight_parts = torch.empty(n_tiles_f, a_n, dtype=torch.float32, device=x.device)
+    # A padded plan's padding rows are never visited: zero them so their router gradient is 0.
+    dweight_parts = (torch.zeros if routing.padded else torch.empty)(n_tiles_f, a_n, dtype=torch.float32, device=x.device)
     tile_expert, tile_offsets, slots = routing.tile_schedule(blk.block_m)
     # The gradient of a slot is dout[token]: gathered inside the kernels, never materialised.
     dy = dout
@@ -179,8 +180,7 @@ class MoEExpertsFunction(torch.autograd.Function):
 
 
 def _with_weight(routing: Routing, weight: torch.Tensor) -> Routing:
-    return Routing(routing.num_tokens, routing.num_experts, routing.sorted_token, weight, routing.expert_offsets,
-                   routing.dest_row, routing.token_offsets, routing.fixed_k, routing._schedules)
+    return replace(routing, sorted_weight=weight)  # shares the tile-schedule cache
 
 
 def resolve_implementation(implementation: str, *tensors: torch.Tensor) -> str:

@@ -6,6 +6,12 @@ rounding adds and drops some), so the combine step is a segment sum over a token
 ``dest_row[a]`` is the slot of assignment ``a`` in that order and token ``t`` owns slots
 ``token_offsets[t]:token_offsets[t+1]``. Everything is built with tensor ops on the routing
 device (no host loop over experts).
+
+A plan whose assignment count depends on the data (token rounding) can be *padded*: its per-row
+tensors have a static length (an upper bound known on the host), the real count is
+``expert_offsets[-1]`` on the device, and rows past it are padding (token 0, weight 0) that no
+expert kernel reads. Building and consuming it then needs no device-to-host sync; ``compact()``
+trims it (one sync) for consumers that need exact sizes (the expert-parallel all-to-all).
 """
 
 from dataclasses import dataclass, field
@@ -24,11 +30,26 @@ class Routing:
     dest_row: torch.Tensor  # (A,) int32: slot of each assignment in token-major order
     token_offsets: torch.Tensor  # (T+1,) int32
     fixed_k: int = 0  # > 0 when every token has exactly fixed_k slots (plain top-k)
+    padded: bool = False  # rows at and past expert_offsets[-1] are padding (see the module docstring)
     _schedules: Dict[int, tuple] = field(default_factory=dict, repr=False)
 
     @property
     def num_assignments(self) -> int:
+        """Rows of the per-row tensors: the real count, or its static upper bound when padded."""
         return self.sorted_token.shape[0]
+
+    def valid_rows(self) -> torch.Tensor:
+        """(A,) bool: True for real rows (all of them unless padded). No host sync."""
+        rows = torch.arange(self.num_assignments, device=self.expert_offsets.device)
+        return rows < self.expert_offsets[-1].to(rows.dtype)
+
+    def compact(self) -> "Routing":
+        """The same plan without padding rows (one device-to-host sync; a no-op when not padded)."""
+        if not self.padded:
+            return self
+        a = int(self.expert_offsets[-1])
+        return Routing(self.num_tokens, self.num_experts, self.sorted_token[:a], self.sorted_weight[:a],
+                       self.expert_offsets, self.dest_row[:a], self.token_offsets, self.fixed_k)
 
     @property
     def counts(self) -> torch.Tensor:
@@ -75,8 +96,10 @@ def routing_from_topk(topk_idx: torch.Tensor, topk_weight: torch.Tensor, num_exp
     )
 
 
-def routing_from_mask(mask: torch.Tensor, weight: torch.Tensor) -> Routing:
-    """Any (T, E) boolean assignment mask (token rounding); ``weight`` (T, E) gives combine weights."""
+def mask_tables(mask: torch.Tensor):
+    """Routing tables of a (T, E) boolean assignment mask: (token, expert, expert_offsets, dest_row,
+    token_offsets). Rows are expert-major, tokens ascending inside an expert; a token's slots are its
+    experts in ascending order. ``nonzero`` makes the row count known on the host (a sync on CUDA)."""
     t, e = mask.shape
     pairs = mask.t().nonzero()  # (A, 2) rows (expert, token), expert-major then token order
     expert, token = pairs[:, 0], pairs[:, 1]
@@ -89,13 +112,20 @@ def routing_from_mask(mask: torch.Tensor, weight: torch.Tensor) -> Routing:
     # token-major row of pair (expert, token): the token's first row + how many lower experts it uses
     rank_in_token = mask.cumsum(1, dtype=torch.int32) - 1
     dest = token_offsets[token] + rank_in_token[token, expert]
+    return token, expert, offsets, dest.to(torch.int32), token_offsets
+
+
+def routing_from_mask(mask: torch.Tensor, weight: torch.Tensor) -> Routing:
+    """Any (T, E) boolean assignment mask (capacity dropping); ``weight`` (T, E) gives combine weights."""
+    t, e = mask.shape
+    token, expert, offsets, dest, token_offsets = mask_tables(mask)
     return Routing(
         num_tokens=t,
         num_experts=e,
         sorted_token=token.to(torch.int32),
         sorted_weight=weight[token, expert].float(),
         expert_offsets=offsets,
-        dest_row=dest.to(torch.int32),
+        dest_row=dest,
         token_offsets=token_offsets,
         fixed_k=0,
     )

@@ -46,6 +46,9 @@ def ep_moe_experts(
 ) -> torch.Tensor:
     """x: (T, D) local tokens; routing over all E experts; weights hold this rank's E_local experts.
     ``local_experts(x, w1, w2, routing)`` is the single-device expert MLP (Triton or reference)."""
+    # a token-rounded plan is padded to a static size; the all-to-all needs the real rows (it syncs
+    # for its splits anyway)
+    routing = routing.compact()
     world = dist.get_world_size(group)
     e_local = w_gate_up_local.shape[0]
     if routing.num_experts != e_local * world:

@@ -10,7 +10,9 @@ The router z-loss  coef * mean(logsumexp(logits)^2)  is added whenever z_loss_co
 Capacity factor (GShard / Switch token dropping): with capacity_factor > 0 every expert keeps at
 most ceil(capacity_factor * T * k / E) of the assignments that chose it, the best by router score;
 the rest are dropped (see capacity_mask).
-Routing runs in fp32 with tensor ops only (no host loop over experts).
+Routing runs in fp32 with tensor ops only (no host loop over experts). With token rounding the plan
+comes from kernels/moe/fused_routing (Triton, no device-to-host sync) and is padded to a static size:
+its real row count is routing.expert_offsets[-1] (routing.compact() trims it, with one sync).
 """
 
 import math
@@ -19,11 +21,13 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from sparsetron.kernels.moe.fused_routing import route_tokens
 from sparsetron.kernels.moe.routing import Routing, routing_from_mask, routing_from_topk
-from sparsetron.kernels.moe.token_rounding import token_rounding_mask
+from sparsetron.kernels.moe.token_rounding import priority_key
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 LOAD_BALANCING = ("aux_loss", "aux_free", "none")
+ROUTING_IMPLEMENTATIONS = ("auto", "triton", "torch")
 
 
 class _FP32Logits(torch.autograd.Function):
@@ -65,12 +69,8 @@ def capacity_mask(score: torch.Tensor, topk_mask: torch.Tensor, capacity: int) -
     t, e = score.shape
     if capacity >= t:  # no expert can hold more than T tokens: nothing to drop
         return topk_mask
-    # (+ 0.0 turns -0.0 into +0.0, so equal values always tie)
-    bits = (score.detach().float().t() + 0.0).contiguous().view(torch.int32).to(torch.int64)
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude is smaller
-    rev_token = torch.arange(t - 1, -1, -1, device=score.device, dtype=torch.int64)
     sel = topk_mask.t()
-    key = torch.where(sel, bits * (1 << 32) + rev_token, torch.iinfo(torch.int64).min)
+    key = torch.where(sel, priority_key(score), torch.iinfo(torch.int64).min)
     best = torch.topk(key, capacity, dim=1).indices  # (E, capacity)
     keep = torch.zeros_like(sel).scatter_(1, best, sel.gather(1, best))
     return keep.t()
@@ -91,8 +91,13 @@ class Router(nn.Module):
         tile_m: int = 128,
         norm_topk_prob: Optional[bool] = None,
         capacity_factor: float = 0.0,
+        routing_implementation: str = "auto",
     ):
+        """routing_implementation: how a token-rounded plan is built -- "auto" (Triton where usable),
+        "triton" or "torch" (the PyTorch reference: same plan, with host syncs); for tests and benchmarks."""
         super().__init__()
+        if routing_implementation not in ROUTING_IMPLEMENTATIONS:
+            raise ValueError(f"routing_implementation must be one of {ROUTING_IMPLEMENTATIONS}, got {routing_implementation!r}")
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"moe.score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         if load_balancing not in LOAD_BALANCING:
@@ -111,6 +116,7 @@ class Router(nn.Module):
         self.aux_loss_coef, self.z_loss_coef, self.bias_lr = aux_loss_coef, z_loss_coef, bias_lr
         self.token_rounding, self.tile_m = token_rounding, tile_m
         self.capacity_factor = float(capacity_factor)
+        self.routing_implementation = routing_implementation
         # Renormalising the k weights of one expert (k=1 softmax) would make them all 1 and cut the
         # router off from the main loss, so that case defaults to raw probabilities.
         if norm_topk_prob is None:
@@ -130,40 +136,40 @@ class Router(nn.Module):
         topk_idx = torch.topk(select.detach(), k, dim=-1).indices
         topk_w = scores.gather(1, topk_idx)
         denom = topk_w.sum(-1, keepdim=True) + 1e-20 if self.norm_topk_prob else None
-        if denom is not None:
-            topk_w = topk_w / denom
 
-        topk_counts = torch.zeros(e, device=x.device).scatter_add_(0, topk_idx.reshape(-1), torch.ones(t * k, device=x.device))
         stats: Dict[str, torch.Tensor] = {}
         capacity = expert_capacity(self.capacity_factor, t, k, e) if self.capacity_factor > 0 else t
         if self.token_rounding:
-            topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
-            mask = token_rounding_mask(select.detach(), topk_mask, self.tile_m)
-            weight = scores / denom if denom is not None else scores
-            routing = routing_from_mask(mask, weight)
-            stats["tokens_dropped"] = (topk_mask & ~mask).sum().detach()
-            stats["tokens_added"] = (mask & ~topk_mask).sum().detach()
-        elif capacity < t:
-            topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
-            # Ranked by the router probability (Switch / V-MoE priority). The aux-free bias is one
-            # constant per expert, so ranking by select would keep the same tokens.
-            mask = capacity_mask(scores, topk_mask, capacity)
-            # A token that lost some assignments keeps the others at their top-k weights, without
-            # renormalising (Switch); one that lost all gets zero MoE output: the residual carries it.
-            weight = scores / denom if denom is not None else scores
-            routing = routing_from_mask(mask, weight)
-            dropped = (topk_mask & ~mask).sum().detach()
-            stats["tokens_dropped"] = dropped
-            stats["tokens_added"] = torch.zeros((), dtype=torch.int64, device=x.device)
-            stats["dropped_assignment_fraction"] = dropped.float() / (t * k)
-            stats["dropped_token_fraction"] = (~mask.any(1)).sum().float().detach() / t
+            # Counts, rounding and tables in three launches without a host sync; the plan is padded
+            # to a static size (see kernels/moe/fused_routing). Few other launches: the router is
+            # launch-bound, so the counts and moved totals come from the kernels.
+            tables = route_tokens(select.detach(), topk_idx, self.tile_m, self.routing_implementation)
+            routing = tables.routing(scores, denom)
+            topk_counts = tables.topk_counts.float()
+            stats["tokens_dropped"], stats["tokens_added"] = tables.moved()
         else:
-            routing = routing_from_topk(topk_idx, topk_w, e)
-            zero = torch.zeros((), dtype=torch.int64, device=x.device)
-            stats["tokens_dropped"], stats["tokens_added"] = zero, zero
-            if self.capacity_factor > 0:  # on, but the capacity (>= T) cannot bind at this batch size
-                stats["dropped_assignment_fraction"] = torch.zeros((), device=x.device)
-                stats["dropped_token_fraction"] = torch.zeros((), device=x.device)
+            topk_counts = torch.zeros(e, device=x.device).scatter_add_(0, topk_idx.reshape(-1), torch.ones(t * k, device=x.device))
+            if capacity < t:
+                topk_mask = torch.zeros(t, e, dtype=torch.bool, device=x.device).scatter_(1, topk_idx, True)
+                # Ranked by the router probability (Switch / V-MoE priority). The aux-free bias is one
+                # constant per expert, so ranking by select would keep the same tokens.
+                mask = capacity_mask(scores, topk_mask, capacity)
+                # A token that lost some assignments keeps the others at their top-k weights, without
+                # renormalising (Switch); one that lost all gets zero MoE output: the residual carries it.
+                weight = scores / denom if denom is not None else scores
+                routing = routing_from_mask(mask, weight)
+                dropped = (topk_mask & ~mask).sum().detach()
+                stats["tokens_dropped"] = dropped
+                stats["tokens_added"] = torch.zeros((), dtype=torch.int64, device=x.device)
+                stats["dropped_assignment_fraction"] = dropped.float() / (t * k)
+                stats["dropped_token_fraction"] = (~mask.any(1)).sum().float().detach() / t
+            else:
+                routing = routing_from_topk(topk_idx, topk_w / denom if denom is not None else topk_w, e)
+                zero = torch.zeros((), dtype=torch.int64, device=x.device)
+                stats["tokens_dropped"], stats["tokens_added"] = zero, zero
+                if self.capacity_factor > 0:  # on, but the capacity (>= T) cannot bind at this batch size
+                    stats["dropped_assignment_fraction"] = torch.zeros((), device=x.device)
+                    stats["dropped_token_fraction"] = torch.zeros((), device=x.device)
         load = routing.counts.float()
         stats["expert_load"] = load.detach()
         stats["experts_per_token"] = (load.sum() / max(t, 1)).detach()

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from sparsetron.kernels._triton import interpreting
+from sparsetron.kernels.moe.fused_routing import max_assignments
 from sparsetron.kernels.moe.token_rounding import round_expert_counts
 from sparsetron.train.model.moe.router import Router
 
@@ -22,6 +24,10 @@ def test_token_rounding_invariants(t, e, k, tile):
     r.weight.data[0] *= 4
     x = torch.randn(t, 24)
     routing, _, stats = r(x)
+    # a static-size plan: real rows first, then padding with weight 0
+    assert routing.padded and routing.num_assignments == max_assignments(t, k, e, tile)
+    assert (routing.sorted_weight[~routing.valid_rows()] == 0).all()
+    routing = routing.compact()
     counts = routing.counts
     assert (counts % tile == 0).all(), counts
     pairs = routing.sorted_token.long() * e + torch.repeat_interleave(torch.arange(e), counts.long())
@@ -146,3 +152,72 @@ def test_router_gradients_match_plain_autograd(dtype):
     (ref + (w * torch.arange(120)).sum()).backward()
     torch.testing.assert_close(r.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-5)
+
+
+ROUTER_CASES = [
+    dict(score_func="softmax", load_balancing="aux_loss", top_k=2, tile_m=16),
+    dict(score_func="sigmoid", load_balancing="aux_free", top_k=3, tile_m=8),  # select = scores + bias (signed)
+    dict(score_func="softmax", load_balancing="none", top_k=1, tile_m=32),  # k=1: raw probabilities, no denom
+]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", ROUTER_CASES, ids=["softmax-k2", "sigmoid-auxfree-k3", "softmax-k1"])
+def test_rounding_router_fused_plan_equals_reference(cfg, dtype):
+    """The router's Triton (sync-free) rounding plan equals its PyTorch-reference plan: every table,
+    the combine weights, the logged stats and the router/input gradients through the weights."""
+    t, e = 157, 12
+    outs = []
+    for impl in ("triton", "torch"):
+        r = _router(num_experts=e, routing_implementation=impl, token_rounding=True, **cfg)
+        if cfg["load_balancing"] == "aux_free":
+            r.expert_bias.copy_(torch.linspace(-0.05, 0.05, e))
+        r.weight.data[0] *= 3  # uneven loads: most counts are not tile multiples
+        torch.manual_seed(1)
+        x = torch.randn(t, 16).to(dtype).requires_grad_()
+        routing, aux, stats = r(x)
+        (routing.sorted_weight * torch.arange(routing.num_assignments, dtype=torch.float32)).sum().backward()
+        outs.append((routing, stats, r.weight.grad, x.grad))
+    (a, sa, ga, xa), (b, sb, gb, xb) = outs
+    assert a.padded and b.padded and a.num_assignments == b.num_assignments
+    for name in ("sorted_token", "expert_offsets", "dest_row", "token_offsets"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.sorted_weight, b.sorted_weight)
+    for name in ("tokens_dropped", "tokens_added", "expert_load", "experts_per_token"):
+        assert torch.equal(sa[name], sb[name]), name
+    assert (sa["expert_load"] % cfg["tile_m"] == 0).all() and sa["tokens_dropped"] + sa["tokens_added"] > 0
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(xa, xb, rtol=1e-6, atol=0)
+
+
+def test_bad_routing_implementation_raises():
+    with pytest.raises(ValueError, match="routing_implementation"):
+        _router(routing_implementation="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA notion")
+def test_rounding_router_and_experts_run_without_host_sync():
+    """Router (rounding on) + Triton experts, forward and backward, with CUDA's sync check set to error."""
+    from sparsetron.kernels.moe.function import moe_experts
+
+    t, d, f, e, k = 2048, 64, 32, 16, 4
+    r = Router(d, e, k, token_rounding=True, tile_m=128).cuda()
+    x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w1 = (torch.randn(e, 2 * f, d, device="cuda") * 0.1).bfloat16().requires_grad_()
+    w2 = (torch.randn(e, d, f, device="cuda") * 0.1).bfloat16().requires_grad_()
+
+    def step():
+        routing, aux, stats = r(x)
+        y = moe_experts(x, w1, w2, routing, "triton")
+        (y.float().square().mean() + aux).backward()
+        return routing, stats
+
+    step()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routing, stats = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert (routing.counts % 128 == 0).all() and torch.isfinite(x.grad).all()
