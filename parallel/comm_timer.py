@@ -47,7 +47,9 @@ import torch
 import torch.distributed as dist
 
 ENV = "SPARSETRON_COMM_TIMER"
-COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather", "reduce_scatter",
+# all_gather_single / reduce_scatter_single: the names newer torch gives the tensor collectives
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather_single",
+               "reduce_scatter_single", "all_gather", "reduce_scatter",
                "all_to_all_single", "all_to_all", "broadcast", "reduce", "gather", "scatter", "barrier",
                "send", "recv", "isend", "irecv", "batch_isend_irecv")
 ALIAS_PREFIXES = ("sparsetron.", "deepspeed.")  # modules whose `from torch.distributed import x` aliases we rebind

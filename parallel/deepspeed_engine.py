@@ -5,6 +5,8 @@ The JSON comes from deepspeed_config.py. Checkpoints: DeepSpeed's own files (sam
 resume, under <ckpt>/deepspeed/) plus the weights in the layout-independent shard format of
 reshard.py, so convert / HF export work from a DeepSpeed run as from any other."""
 
+import contextlib
+import copy
 import os
 from typing import Dict, List
 
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import reshard as rs
-from .engine import Batch, agree_finite
+from .engine_protocol import StepLoop
 from .groups import ParallelGroups
 from .runtime import Runtime
 from .tensor_parallel import parallelize, sequence_parallel_params
@@ -40,7 +42,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(StepLoop):
+    # ZeRO 1-3 reduce gradients into their own partitioned buffers during/after backward: a step hook
+    # never sees them in param.grad (the N:M recipe then adds its SR-STE decay inside backward)
+    grads_in_params = False
+
     def __init__(self, model: torch.nn.Module, cfg, runtime: Runtime, groups: ParallelGroups):
         prepare_deepspeed_env(runtime.device)
         import deepspeed
@@ -51,6 +57,8 @@ class DeepSpeedEngine:
 
         self.cfg, self.rt, self.g = cfg, runtime, groups
         self.dp_rank, self.dp_size = groups.dp_rank, groups.dp
+        self.autocast = contextlib.nullcontext  # DeepSpeed casts the model itself (its bf16 config)
+        self._init_plugins()
         if not any(hasattr(prm, "ds_id") for prm in model.parameters()):  # not built under zero.Init
             model = model.to(runtime.device)
         else:  # zero.Init partitioned the parameters; buffers (RoPE tables) still need the device
@@ -123,38 +131,81 @@ class DeepSpeedEngine:
         return grad
 
     # ------------------------------------------------------------------------------- steps
-    def train_step(self, batches: List[Batch], lr: float) -> Dict[str, float]:
+    # the step itself is engine_protocol.StepLoop.train_step; DeepSpeed's engine accumulates, syncs,
+    # clips and steps: backward through it, and its step() after every micro-batch (it updates at the
+    # accumulation boundary only)
+    def _train_mode(self) -> None:
         self.ds.train()
-        for group in self.ds.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.rt.device)
-        norm = None
-        for i, (x, y) in enumerate(batches):
-            loss = self.ds(x, y)
-            aux = self.model.aux_loss()
-            self.ds.backward(loss if aux is None else loss + aux)  # DeepSpeed divides by the accumulation steps
-            if i == len(batches) - 1 and self.cfg.parallel.zero_stage == 0:  # DeepSpeed reports no norm here
-                from .native import global_grad_norm
 
-                norm = global_grad_norm(self.model.parameters(), self.g)
-            self.ds.step()  # applies the update at the accumulation boundary only
-            total += loss.detach().float()
-        loss = total / len(batches)
-        if self.g.dp > 1:
-            dist.all_reduce(loss, group=self.g.dp_group)
-            loss = loss / self.g.dp
-        norm = self.ds.get_global_grad_norm() if norm is None else norm
+    def _param_groups(self):
+        return self.ds.optimizer.param_groups
+
+    def _forward_module(self):
+        return self.ds
+
+    def _backward(self, objective: torch.Tensor, index: int, n: int) -> None:
+        self.ds.backward(objective)  # DeepSpeed divides by the accumulation steps
+        if index < n - 1:
+            self.ds.step()
+
+    def _clip_grads(self):
+        """DeepSpeed's step clips and updates in one call: the update happens here (the non-finite check
+        follows, in _optimizer_step). Returns the global gradient norm."""
+        norm = None
+        if self.cfg.parallel.zero_stage == 0:  # DeepSpeed reports no norm here
+            from .native import global_grad_norm
+
+            norm = global_grad_norm(self.model.parameters(), self.g)
+        self.ds.step()  # the accumulation boundary: sync, clip, update
+        return self.ds.get_global_grad_norm() if norm is None else norm
+
+    def _optimizer_step(self, finite: bool) -> None:
         # Non-finite guard: ZeRO 1-3 already discard a step whose global gradient norm is NaN/Inf (their
         # overflow check; the norm then reads inf). The shared decision makes every rank agree and report it.
-        checks = [loss] + ([torch.as_tensor(float(norm))] if norm is not None else [])
-        finite = agree_finite(self.rt, *checks)
         if not finite and getattr(self.ds, "_step_applied", False):
             from sparsetron.train.resilience import NonFiniteError
 
             raise NonFiniteError(f"DeepSpeed (zero_stage={self.cfg.parallel.zero_stage}) applied an update with a "
                                  f"non-finite loss/gradient norm; resume from the last checkpoint")
-        return {"loss": loss.item(), "grad_norm": float(norm) if norm is not None else float("nan"),
-                "skipped": not finite}
+
+    # -------------------------------------------------------------------- plug-in support
+    def local_modules(self) -> List[torch.nn.Module]:
+        return [self.model]
+
+    def full_params(self, params):
+        """ZeRO-3 holds a 1/dp partition of each parameter: gather the full values (read-only) for the
+        duration; other stages hold them whole."""
+        if self.cfg.parallel.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        self.ds.eval()
+        self.ds(tokens)  # through DeepSpeed's engine: ZeRO-3 gathers each module's parameters in its hooks
+
+    def shard_frozen(self, module: torch.nn.Module):
+        """A frozen copy of the dense model (distillation teacher), placed as the student is: TP-sharded,
+        and under ZeRO-3 partitioned over dp by a second DeepSpeed engine without an optimizer (its
+        hooks gather each module's parameters for its forward, as for the student; offload_param
+        applies too; under bf16 DeepSpeed casts it to bf16). ZeRO 0-2 keep parameters whole on every
+        rank, the student's too."""
+        module = parallelize(module, self.g, self.cfg.parallel)
+        if self.cfg.parallel.zero_stage != 3:
+            return module.to(self.rt.device)
+        import deepspeed
+
+        frozen = {k: copy.deepcopy(v) for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        zero = frozen["zero_optimization"]
+        for key in ("offload_optimizer", "sub_group_size"):
+            zero.pop(key, None)
+        teacher, *_ = deepspeed.initialize(model=module, config=frozen, model_parameters=None,
+                                           mpu=self.g.as_deepspeed_mpu() if self.rt.distributed else None,
+                                           dist_init_required=False)
+        teacher.eval()
+        return teacher
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

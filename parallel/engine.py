@@ -9,33 +9,20 @@ groups (groups.py) and picks one engine from the config (legality.resolve_engine
   ZeRO-1 through torch's ZeroRedundancyOptimizer;
 - DeepSpeedEngine (deepspeed_engine.py): ZeRO 0-3 and CPU/NVMe offload, with or without TP.
 
-Every engine: train_step(batches, lr) -> {loss, grad_norm, skipped} (skipped: the non-finite guard,
-agree_finite, dropped the update on every rank); eval_loss(x, y); save_checkpoint(dir)
-and load_checkpoint(path) (collective; formats in reshard.py); dp_rank / dp_size; model."""
+Every engine follows the `Engine` protocol and runs the one training step of engine_protocol.py
+(`StepLoop.train_step` -> {loss, grad_norm, skipped}; skipped: the non-finite guard, agree_finite,
+dropped the update on every rank); eval_loss(x, y); save_checkpoint(dir) and load_checkpoint(path)
+(collective; formats in reshard.py); dp_rank / dp_size; model."""
 
 import contextlib
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
+from .engine_protocol import Batch, Engine, StepLoop, agree_finite, autocast_factory
 from .groups import ParallelGroups, build_groups
 from .runtime import Runtime
 from .sharded_state import ShardedStateMixin
-
-Batch = Tuple[torch.Tensor, torch.Tensor]
-
-
-def agree_finite(runtime: Runtime, *values: torch.Tensor) -> bool:
-    """The non-finite guard's one decision, shared by every engine: True on every rank iff every value
-    (loss, gradient norm) is finite on every rank. One MIN all-reduce over the world, so all ranks skip
-    the same optimizer step together (a rank that stepped alone would silently fork the replicas)."""
-    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all().to(torch.int32).reshape(1)
-    if runtime.distributed:
-        import torch.distributed as dist
-
-        flag = flag.to(runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def _all_finite(t: torch.Tensor) -> torch.Tensor:
@@ -81,15 +68,7 @@ def state_tensors(engine) -> Iterator[Tuple[str, torch.Tensor]]:
     yield from optimizer_state_tensors(engine.optimizer, getattr(engine, "param_names", {}))
 
 
-def autocast_factory(precision: str, device: torch.device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-class DataParallelEngine(ShardedStateMixin):
+class DataParallelEngine(StepLoop, ShardedStateMixin):
     """One process, or DDP over all ranks (gloo on CPU, NCCL on GPU)."""
 
     def __init__(self, model: torch.nn.Module, cfg, runtime: Runtime, groups: ParallelGroups = None):
@@ -102,10 +81,7 @@ class DataParallelEngine(ShardedStateMixin):
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.dp_rank, self.dp_size = runtime.rank, runtime.world_size
         self.autocast = autocast_factory(cfg.train.precision, runtime.device)
-        # Optional plug-ins (N:M fine-tuning): objective(model, x, y) -> {"loss" (backward), "ce" (logged)};
-        # step hooks get before_optimizer_step() after the last backward, after_optimizer_step() after the step.
-        self.objective = None
-        self.step_hooks: list = []
+        self._init_plugins()
         self.wrapped = self.model
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -113,36 +89,22 @@ class DataParallelEngine(ShardedStateMixin):
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
 
-    def train_step(self, batches: List[Batch], lr: float) -> Dict[str, float]:
+    # -- the step's pieces (engine_protocol.StepLoop): DDP all-reduces in the last micro-batch's backward
+    def _train_mode(self) -> None:
         self.wrapped.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.rt.device)
-        n = len(batches)
-        for i, (x, y) in enumerate(batches):
-            sync = i == n - 1 or not self.rt.distributed
-            with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self.autocast():
-                if self.objective is None:
-                    loss = self.wrapped(x, y)
-                    aux = self.model.aux_loss()
-                    objective = loss if aux is None else loss + aux
-                else:
-                    out = self.objective(self.wrapped, x, y)
-                    objective, loss = out["loss"], out["ce"]
-            (objective / n).backward()
-            total += loss.detach()
-        for hook in self.step_hooks:
-            hook.before_optimizer_step()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        loss = self.rt.all_reduce_mean(total / n)
-        finite = agree_finite(self.rt, loss, grad_norm)
-        if finite:  # else the non-finite guard skips the update (the trainer counts and reports it)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for hook in self.step_hooks:
-            hook.after_optimizer_step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite}
+
+    def _forward_module(self):
+        return self.wrapped
+
+    def _sync_context(self, last: bool):
+        return contextlib.nullcontext() if last or not self.rt.distributed else self.wrapped.no_sync()
+
+    def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.rt.all_reduce_mean(loss)
+
+    def shard_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen copy of the model (distillation teacher), placed like the student: whole, on the device."""
+        return module.to(self.rt.device)
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -163,7 +125,7 @@ class DataParallelEngine(ShardedStateMixin):
             block.compile()
 
 
-def build_engine(model: torch.nn.Module, cfg, runtime: Runtime):
+def build_engine(model: torch.nn.Module, cfg, runtime: Runtime) -> Engine:
     """Process groups for cfg.parallel (legality was checked by validate), then the engine."""
     from .legality import resolve_engine
 
@@ -174,8 +136,12 @@ def build_engine(model: torch.nn.Module, cfg, runtime: Runtime):
         from .deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, cfg, runtime, groups)
-    if groups.tp == groups.pp == groups.ep == 1 and p.zero_stage == 0:
+    if groups.tp == groups.pp == groups.ep == groups.cp == 1 and p.zero_stage == 0:  # cp: native (context_parallel.py)
         return DataParallelEngine(model, cfg, runtime, groups)
     from .native import NativeEngine
 
     return NativeEngine(model, cfg, runtime, groups)
+
+
+__all__ = ["Batch", "DataParallelEngine", "Engine", "agree_finite", "autocast_factory", "build_engine",
+           "first_nonfinite", "optimizer_state_tensors", "state_tensors"]

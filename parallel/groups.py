@@ -8,7 +8,10 @@ Rank layout (Megatron-core parallel_state's default order "tp-cp-ep-dp-pp"): TP 
 Expert parallel is carved out of DP (as Megatron does for the expert layout): the ep ranks of a
 group are `ep` consecutive dp ranks; `expert_dp_group` joins the dp ranks that hold the same
 experts (where expert gradients are averaged). `embed_group` joins the first and last pipeline
-stage of each (tp, cp, dp) coordinate (tied embeddings are synchronised there).
+stage of each (tp, cp, dp) coordinate (tied embeddings are synchronised there). `dp_cp_group`
+joins the dp x cp ranks of one (tp, pp) coordinate, which hold the same parameters and average
+their gradients there under context parallel (Megatron's data-parallel-with-cp group); with
+cp = 1 it is the dp group itself.
 
 Every rank calls `dist.new_group` for every group in the same order (a collective requirement);
 groups of size 1 are kept as `None` only in the single-process case."""
@@ -41,6 +44,7 @@ class ParallelGroups:
     ep_group: Optional[dist.ProcessGroup] = None
     expert_dp_group: Optional[dist.ProcessGroup] = None
     embed_group: Optional[dist.ProcessGroup] = None
+    dp_cp_group: Optional[dist.ProcessGroup] = None
     pp_ranks: List[int] = field(default_factory=lambda: [0])  # global ranks of this rank's pipeline, by stage
     tp_ranks: List[int] = field(default_factory=lambda: [0])
     dp_ranks: List[int] = field(default_factory=lambda: [0])
@@ -71,8 +75,11 @@ def rank_of(tp_r: int, cp_r: int, dp_r: int, pp_r: int, tp: int, cp: int, dp: in
 def layout_ranks(tp: int, cp: int, dp: int, pp: int, ep: int = 1) -> Dict[str, List[List[int]]]:
     """All groups of each kind as lists of global ranks (pure: testable without processes)."""
     r = lambda t, c, d, p: rank_of(t, c, d, p, tp, cp, dp)  # noqa: E731
-    out: Dict[str, List[List[int]]] = {"tp": [], "cp": [], "dp": [], "pp": [], "ep": [], "expert_dp": [], "embed": []}
+    out: Dict[str, List[List[int]]] = {"tp": [], "cp": [], "dp": [], "pp": [], "ep": [], "expert_dp": [], "embed": [],
+                                       "dp_cp": []}
     for p in range(pp):
+        for t in range(tp):
+            out["dp_cp"].append([r(t, c, d, p) for d in range(dp) for c in range(cp)])
         for d in range(dp):
             for c in range(cp):
                 out["tp"].append([r(t, c, d, p) for t in range(tp)])
@@ -111,13 +118,15 @@ def build_groups(pcfg, runtime: Runtime) -> ParallelGroups:
     backend = runtime.backend
     for kind, lists in layout_ranks(tp, cp, dp, pp, ep).items():
         for ranks in lists:
-            if kind == "embed" and pp == 1:
+            if (kind == "embed" and pp == 1) or (kind == "dp_cp" and cp == 1):
                 continue
             group = dist.new_group(ranks, backend=backend)
             if rank in ranks:
                 setattr(g, f"{kind}_group", group)
                 if kind in ("pp", "tp", "dp"):
                     setattr(g, f"{kind}_ranks", list(ranks))
+    if cp == 1:
+        g.dp_cp_group = g.dp_group
     return g
 
 

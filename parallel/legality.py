@@ -21,7 +21,7 @@ def resolve_engine(p) -> str:
     """native: DDP / TP / PP / ZeRO-1 (torch ZeroRedundancyOptimizer under PP); deepspeed: ZeRO 0-3 + offload."""
     if p.engine != "auto":
         return p.engine
-    if p.pp > 1 or p.ep > 1:
+    if p.pp > 1 or p.ep > 1 or p.cp > 1:  # cp: ZeRO-1 too, on the native engine (context_parallel.py)
         return "native"
     uses_deepspeed = p.zero_stage > 0 or p.offload_optimizer != "none" or p.offload_param != "none"
     return "deepspeed" if uses_deepspeed else "native"
@@ -116,6 +116,48 @@ def _zero(p, engine: str) -> None:
         raise ConfigError("parallel.nvme_path", "NVMe offload needs a directory on a fast local disk")
 
 
+def cp_block_multiple(attn) -> int:
+    """What each of context parallel's 2*cp sequence chunks must be a multiple of: the block of the
+    attention's block lists, which a chunk's queries start on (1 for dense attention)."""
+    kind = getattr(attn, "kind", "dense")
+    if kind == "nsa":
+        return max(attn.block_size, attn.select_block)  # powers of two: the larger is a multiple of both
+    if kind == "moba":
+        return attn.moba_block
+    if kind == "sliding_window":
+        return attn.block_size
+    return 1
+
+
+def _context_parallel(cfg) -> None:
+    p, t = cfg.parallel, cfg.train
+    if p.cp == 1:
+        return
+    if p.pp > 1:
+        raise ConfigError("parallel.cp", f"cp={p.cp} with pp={p.pp}: context parallel does not run under pipeline "
+                                         f"parallel yet (the stages would need the shard's positions and the "
+                                         f"whole-sequence loss); use cp=1 with pp, or pp=1")
+    if p.engine == "deepspeed" or p.zero_stage >= 2 or p.offload_optimizer != "none" or p.offload_param != "none":
+        raise ConfigError("parallel.cp", f"cp={p.cp} runs on the native engine (dp, ZeRO-1, tp + sequence parallel); "
+                                         f"DeepSpeed (engine=deepspeed, ZeRO-2/3, offload) would average gradients "
+                                         f"over dp only; use zero_stage<=1 without offload (engine auto or native), "
+                                         f"or use cp=1")
+    if p.ep > 1 or cfg.model.mlp == "moe":
+        raise ConfigError("parallel.cp", f"cp={p.cp} with model.mlp={cfg.model.mlp}: MoE routing statistics and expert "
+                                         f"gradients are not split over cp yet; use cp=1 for MoE")
+    if getattr(getattr(cfg, "sparsity", None), "enabled", False):
+        raise ConfigError("parallel.cp", "N:M fine-tuning is not built for context parallel (its distillation "
+                                         "objective reads the hidden states of whole sequences); use cp=1")
+    block = cp_block_multiple(cfg.attention)
+    if t.seq_len % (2 * p.cp * block):
+        where = f", each a whole number of {block}-token attention blocks" if block > 1 else ""
+        raise ConfigError("train.seq_len", f"{t.seq_len} must be a multiple of 2*cp*{block} = {2 * p.cp * block}: "
+                                           f"context parallel cuts each sequence into 2*cp = {2 * p.cp} chunks{where}")
+    if p.sequence_parallel and (t.seq_len // p.cp) % p.tp:
+        raise ConfigError("parallel.sequence_parallel", f"each cp rank's {t.seq_len // p.cp} tokens (train.seq_len / "
+                                                        f"cp) must divide by tp={p.tp}")
+
+
 def _expert_parallel(p, m, moe, engine: str, dp: int) -> None:
     if p.ep == 1:
         return
@@ -130,6 +172,46 @@ def _expert_parallel(p, m, moe, engine: str, dp: int) -> None:
                                          "(expert grads reduce over the expert-data-parallel group)")
 
 
+def _row_parallel_layers(layers, m) -> list:
+    """(name, in_features) of the row-parallel linears (split over their inputs by TP) that the
+    sparsity.layers patterns select."""
+    import fnmatch
+
+    head_dim = getattr(m, "head_dim", None) or m.dim // m.n_heads
+    rows = [("layers.0.attn.o_proj", m.n_heads * head_dim), ("layers.0.mlp.down_proj", m.ffn_dim)]
+    return [(name, n_in) for name, n_in in rows if any(fnmatch.fnmatchcase(name, pat) for pat in layers)]
+
+
+def _sparsity(cfg, engine: str) -> None:
+    """N:M fine-tuning (train/sparsity/recipe.py) on every engine: masks on the shards each rank holds,
+    the teacher placed like the student. What is not built (or not tested) is refused here."""
+    s, p = cfg.sparsity, cfg.parallel
+    if not getattr(s, "enabled", False):
+        return
+    if p.ep > 1:
+        raise ConfigError("parallel.ep", f"N:M fine-tuning with expert parallel (ep={p.ep}) is not built (expert "
+                                         f"weights are grouped tensors, not linear layers); use ep=1")
+    if engine == "deepspeed":
+        if p.tp > 1:
+            raise ConfigError("parallel.tp", f"N:M fine-tuning under DeepSpeed runs with tp=1 (ZeRO 0-3 over dp); "
+                                             f"for tp={p.tp} use engine=native (zero_stage 0 or 1)")
+        if s.mode == "fixed":
+            raise ConfigError("sparsity.mode", "mode=fixed zeroes pruned weights after each step, which under "
+                                               "DeepSpeed would have to reach its partitioned fp32 master weights; "
+                                               "use mode=srste, or engine=native (zero_stage 0 or 1)")
+        if p.offload_param != "none":
+            raise ConfigError("parallel.offload_param", "N:M fine-tuning with parameter offload is not tested; use "
+                                                        "offload_param=none (offload_optimizer is fine)")
+    if p.tp > 1 and isinstance(s.m, int) and s.m > 0:
+        for name, n_in in _row_parallel_layers(s.layers, cfg.model):
+            if (n_in // p.tp) % s.m:
+                raise ConfigError("sparsity.m", f"tensor parallel splits {name.split('.', 2)[-1]}'s {n_in} inputs "
+                                                f"into tp={p.tp} shards of {n_in // p.tp}, which must be whole groups "
+                                                f"of m={s.m} (N:M groups run along the inputs); pick m dividing "
+                                                f"{n_in // p.tp}, another tp, or leave that layer out of "
+                                                f"sparsity.layers")
+
+
 def check_layout(cfg, world_size: Optional[int]) -> None:
     """Raise ConfigError for the first illegal parallel choice. Without world_size only the fields
     that do not depend on it are checked."""
@@ -137,11 +219,9 @@ def check_layout(cfg, world_size: Optional[int]) -> None:
     _fields(p)
     engine = resolve_engine(p)
     _tensor_parallel(p, m, cfg.attention.kind, t.seq_len)
+    _context_parallel(cfg)
     _zero(p, engine)
-    if p.cp > 1:
-        raise ConfigError("parallel.cp", f"cp={p.cp}: process groups for context parallel exist, but no engine "
-                                         f"splits attention over the sequence yet; use cp=1 (sequence_parallel "
-                                         f"shards norms/activations over tp)")
+    _sparsity(cfg, engine)
     if world_size is None:
         return
     dp = data_parallel_size(p, world_size)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .engine import Batch, agree_finite, autocast_factory
+from .engine_protocol import StepLoop, autocast_factory
 from .groups import ParallelGroups
 from .runtime import Runtime
 from .sharded_state import ShardedStateMixin
@@ -61,7 +61,7 @@ def global_grad_norm(params, g: ParallelGroups) -> torch.Tensor:
     return both.sum().sqrt().float()
 
 
-class NativeEngine(ShardedStateMixin):
+class NativeEngine(StepLoop, ShardedStateMixin):
     def __init__(self, model: nn.Module, cfg, runtime: Runtime, groups: ParallelGroups):
         from sparsetron.parallel.legality import micro_batches_per_step
 
@@ -70,6 +70,10 @@ class NativeEngine(ShardedStateMixin):
         # Shard where the model was built (the host when it is too big for one GPU, see trainer.init_device),
         # then move only this rank's part: TP slices first, other pipeline stages freed before the move.
         parallelize(model, groups, p)
+        if groups.cp > 1:  # sequences split over cp: K/V gathered per layer (context_parallel.py)
+            from .context_parallel import apply_context_parallel
+
+            apply_context_parallel(model, groups)
         if groups.pp > 1:
             from .pipeline import free_other_stages, local_stage_parts, to_device_except_meta
 
@@ -80,6 +84,7 @@ class NativeEngine(ShardedStateMixin):
             self.model = model.to(runtime.device)
         self.dp_rank, self.dp_size = groups.dp_rank, groups.dp
         self.autocast = autocast_factory(t.precision, runtime.device)
+        self._init_plugins()
         if groups.ep > 1:
             for m in self.model.modules():
                 if hasattr(m, "set_ep_group"):
@@ -159,35 +164,57 @@ class NativeEngine(ShardedStateMixin):
                 "pp_schedule": p.pp_schedule if self.pipe else None, "stages": stages}
 
     # ------------------------------------------------------------------------------- steps
-    def train_step(self, batches: List[Batch], lr: float) -> Dict[str, float]:
-        for m in self.local_modules():
-            m.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.pipe is not None:
-            x = torch.cat([b[0] for b in batches])
-            y = torch.cat([b[1] for b in batches])
+    # the step itself is engine_protocol.StepLoop.train_step; here: what differs for this engine
+    def _forward_backward(self, batches) -> torch.Tensor:
+        if self.pipe is None:
+            return super()._forward_backward(batches)
+        x = torch.cat([b[0] for b in batches])
+        y = torch.cat([b[1] for b in batches])
+        if self.objective is not None:  # the teacher runs beside the student, stage by stage
+            self._ensure_distill_pipeline()
+            with self.autocast():
+                loss = self.distill_pipe.train_step(x, y)
+        else:
             with self.autocast():
                 loss = self.pipe.train_step(x, y)
-            loss = self._from_last_stage(loss)
-        else:
-            total = torch.zeros((), device=self.rt.device)
-            for x, y in batches:
-                with self.autocast():
-                    loss = self.model(x, y)
-                    aux = self.model.aux_loss()
-                    objective = loss if aux is None else loss + aux
-                (objective / len(batches)).backward()
-                total += loss.detach().float()
-            loss = total / len(batches)
+        return self._from_last_stage(loss)
+
+    def _sync_grads(self) -> None:
         self.finalize_grads()
-        grad_norm = self.clip_grads(self.cfg.optim.grad_clip)
-        loss = self._dp_mean(loss)
-        finite = agree_finite(self.rt, loss, grad_norm)
-        if finite:  # else the non-finite guard skips the update on every rank (the trainer reports it)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "skipped": not finite}
+
+    def _clip_grads(self) -> torch.Tensor:
+        return self.clip_grads(self.cfg.optim.grad_clip)
+
+    def shard_frozen(self, module: nn.Module):
+        """A frozen copy of the dense model (distillation teacher), placed as the student is: TP-sharded,
+        and under PP only this rank's stages kept (a list of StageModules, run beside the student's)."""
+        parallelize(module, self.g, self.cfg.parallel)
+        if self.pipe is None:
+            return module.to(self.rt.device)
+        from .pipeline import free_other_stages, local_stage_parts, to_device_except_meta
+
+        parts = local_stage_parts(module, self.g, self.cfg.parallel)
+        free_other_stages(module, parts, keep_embedding=module.cfg.tie_embeddings and parts["last"])
+        return self.pipe.stage_modules_of(to_device_except_meta(module, self.rt.device))
+
+    def _ensure_distill_pipeline(self) -> None:
+        """The pipeline whose stages run teacher and student side by side (built once per objective)."""
+        if getattr(self, "_distill_objective", None) is self.objective:
+            return
+        for needed in ("teacher", "block_loss", "head_loss"):
+            if not hasattr(self.objective, needed):
+                raise TypeError(f"pipeline parallel runs an objective stage by stage: it needs `{needed}` "
+                                f"(engine_protocol.StagedObjective), {type(self.objective).__name__} has none")
+        self.distill_pipe = self.pipe.with_teacher(self.objective)
+        self._distill_objective = self.objective
+
+    def forward_only(self, tokens: torch.Tensor) -> None:
+        if self.pipe is None:
+            return super().forward_only(tokens)
+        for m in self.local_modules():
+            m.eval()
+        with torch.no_grad(), self.autocast():
+            self.pipe.forward_loss(tokens, tokens)  # the loss is not used: the stages' layers saw their inputs
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -204,13 +231,6 @@ class NativeEngine(ShardedStateMixin):
         buf = loss.detach().float().reshape(()) if loss is not None else torch.zeros((), device=self.rt.device)
         dist.broadcast(buf, src=self.g.pp_ranks[self.pipe.last_rank], group=self.g.pp_group)
         return buf
-
-    def _dp_mean(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.g.dp == 1:
-            return loss
-        loss = loss.detach().clone()
-        dist.all_reduce(loss, group=self.g.dp_group)
-        return loss / self.g.dp
 
     # ---------------------------------------------------------------------------- gradients
     def finalize_grads(self) -> None:
@@ -230,10 +250,11 @@ class NativeEngine(ShardedStateMixin):
             elif self.pipe.has_first or self.pipe.has_last:  # the two copies live on two ranks
                 shared = self.tied_copy if self.tied_copy is not None else self.model.embed.weight
                 _all_reduce_flat([shared.grad], g.embed_group)
-        if g.dp > 1:
+        if g.dp * g.cp > 1:
             dense = [prm.grad for prm in params if not getattr(prm, "expert_parallel", False)]
             experts = [prm.grad for prm in params if getattr(prm, "expert_parallel", False)]
-            _all_reduce_flat(dense, g.dp_group, 1.0 / g.dp)
+            # cp ranks hold parts of the same sequences: replicated weights average over dp x cp
+            _all_reduce_flat(dense, g.dp_cp_group if g.cp > 1 else g.dp_group, 1.0 / (g.dp * g.cp))
             if experts and g.dp // g.ep > 1:
                 _all_reduce_flat(experts, g.expert_dp_group, 1.0 / g.dp)
             elif experts:

@@ -16,6 +16,9 @@ Conventions
   at half of it per direction. ``inter_node_gbps`` is per GPU and per direction.
 - Time per step = pipeline (micro-batches + bubble) + exposed data-parallel communication +
   optimizer (+ host offload). PP bubble fraction = (p - 1) / (v * m).
+- Context parallel as sparsetron runs it (parallel/context_parallel.py): per layer an all-gather
+  of the whole sequence's K,V over cp before attention (again where the core is recomputed) and a
+  reduce-scatter of dK,dV, all exposed; the gathered K,V are kept for backward unless recomputed.
 - Memory per GPU: ZeRO paper accounting (2 bytes params + 2 grads + 12 Adam/master per
   parameter, sharded per stage) + activations (Korthikanti et al., generalised to GQA,
   SwiGLU, flash attention and MoE) + a fixed framework overhead.
@@ -514,6 +517,9 @@ def memory_breakdown(model: ModelSpec, layout: Layout, cluster: Cluster,
         layers_per_chunk = max(1, len(layers) // layout.vpp)
         avg_layer = sum(per_chunk) / max(1, len(per_chunk))
         acts = _in_flight_chunks(layout, device) * layers_per_chunk * avg_layer
+        if layout.cp > 1 and layout.recompute == "none":  # the other cp ranks' K,V, gathered and kept for backward
+            gathered = BF16 * 2 * layout.micro_batch * (model.seq_len - seq_local) * model.kv_dim / layout.tp
+            acts += _in_flight_chunks(layout, device) * layers_per_chunk * gathered
         if layout.recompute == "full" and layers:  # one layer rebuilt in full during backward
             acts += max(activation_bytes_per_layer(model, i, layout.micro_batch, seq_local, layout.tp,
                                                    layout.sequence_parallel, "none") for i in layers)
@@ -598,7 +604,6 @@ def _micro_batch_stage_times(model: ModelSpec, layout: Layout, cluster: Cluster,
     scale = tokens / (t * cp) / flops_per_s
     compute = 3 * fwd * scale  # fwd + 2x for backward
     recompute_s = recompute * scale
-    attn_core_s = 3 * core_fwd * scale
 
     seq_local = model.seq_len // cp
     act_bytes = BF16 * layout.micro_batch * seq_local * model.hidden  # one full activation
@@ -613,11 +618,11 @@ def _micro_batch_stage_times(model: ModelSpec, layout: Layout, cluster: Cluster,
         ep_s = moe_layers * n_a2a * all_to_all_time(_Group(layout.ep, t * cp), routed, cluster)
 
     cp_s = 0.0
-    if cp > 1:  # ring attention: pass K,V around the ring (fwd), K,V and dK,dV (bwd)
-        kv_bytes = BF16 * 2 * layout.micro_batch * seq_local * model.kv_dim / t
-        per_layer = 3 * (cp - 1) * p2p_time(_Group(cp, t), kv_bytes, cluster)
-        per_layer_core = attn_core_s / max(1, len(layers))
-        cp_s = len(layers) * max(0.0, per_layer - per_layer_core)  # hidden behind attention
+    if cp > 1:  # parallel/context_parallel.py: all-gather of the whole sequence's K,V over cp before each
+        # attention (again where the core is recomputed), reduce-scatter of dK,dV in backward; exposed
+        kv_bytes = BF16 * 2 * layout.micro_batch * model.seq_len * model.kv_dim / t
+        n_coll = 2 + (layout.recompute != "none")
+        cp_s = len(layers) * n_coll * all_gather_time(_Group(cp, t), kv_bytes, cluster)
 
     pp_s = 0.0
     if layout.pp > 1:  # send activations forward and gradients back, once per chunk

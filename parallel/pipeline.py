@@ -9,9 +9,17 @@ stages r and 2pp-1-r) for ZB-V. A stage module keeps the full model's parameter 
 
 Tied embeddings across stages: the last stage holds its own copy of the embedding as head.weight
 (same initial values); `engine` sums the two gradients over `groups.embed_group` so they stay equal
-(Megatron's embedding group)."""
+(Megatron's embedding group).
 
+Distillation (`Pipeline.with_teacher`): each stage runs this rank's stages of a frozen teacher beside
+the student's (`DistillStage`); the stages pass student and teacher hidden states on side by side
+(concatenated along the feature dim), each stage adds its blocks' part of the objective to the
+backward, and the last stage's loss compares the two sets of logits. The teacher is never whole on
+a rank: it is split into stages as the student is."""
+
+import collections
 import contextlib
+import copy
 from typing import List, Optional
 
 import torch
@@ -104,6 +112,10 @@ class StageModule(nn.Module):
         self.seq_shards = seq_shards  # tp under sequence parallel: hidden states carry S / tp positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def run(self, x: torch.Tensor, hidden_states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """The stage's forward; appends each block's output to `hidden_states` (Llama.hidden's rule)."""
         s = x.shape[1] if self.first else x.shape[1] * self.seq_shards
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         if self.first:
@@ -113,9 +125,61 @@ class StageModule(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin)
+            if hidden_states is not None:
+                hidden_states.append(x)
         if self.last:
             return self.head(self.norm(x))
         return x.contiguous()  # the strides the next stage expects
+
+
+class _AddLossGradient(torch.autograd.Function):
+    """Identity on `out`; in backward the scalar `loss` gets gradient 1 too, so a stage adds the part
+    of the loss that lives on it (its blocks' SquareHead terms) to the pipeline's backward (Megatron's
+    MoEAuxLossAutoScaler trick). The schedule divides every gradient by the micro-batch count after."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_dtype, ctx.loss_device = loss.dtype, loss.device
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones((), dtype=ctx.loss_dtype, device=ctx.loss_device)
+
+
+class DistillStage(nn.Module):
+    """A student stage and the teacher's same stage, run side by side. In: tokens (first stage) or
+    [student hidden | teacher hidden] along the last dim; out: the same for the next stage, or
+    [student logits | teacher logits] on the last. The teacher is not a registered submodule: the
+    schedule sees (and scales the gradients of) the student's parameters only."""
+
+    def __init__(self, student: StageModule, teacher: StageModule, objective, width: int):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self.objective, self.width = objective, width
+        self.teacher_dtype = next((p.dtype for p in teacher.parameters() if p.is_floating_point()), None)
+        self.targets: collections.deque = collections.deque()  # per micro-batch, in forward order
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.student.first:
+            xs = xt = x
+        else:
+            xs, xt = x[..., : self.width], x[..., self.width:].detach().to(self.teacher_dtype)
+        targets = self.targets.popleft() if self.targets else None  # None: the schedule's shape probe
+        student_hidden: List[torch.Tensor] = []
+        teacher_hidden: List[torch.Tensor] = []
+        out = self.student.run(xs, student_hidden)
+        with torch.no_grad():
+            teacher_out = self.teacher.run(xt, teacher_hidden)
+        term = None
+        for hs, ht in zip(student_hidden, teacher_hidden):
+            part = self.objective.block_loss(hs, ht, targets)
+            term = part if term is None else term + part
+        out = torch.cat([out, teacher_out.to(out.dtype)], dim=-1)
+        if term is not None and torch.is_grad_enabled():
+            out = _AddLossGradient.apply(out, term)
+        return out
 
 
 class Pipeline:
@@ -123,8 +187,6 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, groups, pcfg, micro_batch: int, seq_len: int, n_micro: int,
                  loss_fn, device: torch.device, dtype: torch.dtype, autocast=contextlib.nullcontext):
-        from torch.distributed.pipelining import PipelineStage
-
         pp, v = groups.pp, virtual_stages(pcfg)
         self.groups, self.schedule_name, self.virtual = groups, pcfg.pp_schedule, v
         self.n_stages = pp * v
@@ -134,30 +196,75 @@ class Pipeline:
         self.seq_shards = sp
         self.first_rank = rank_of_stage(0, pp, v, pcfg.pp_schedule)
         self.last_rank = rank_of_stage(self.n_stages - 1, pp, v, pcfg.pp_schedule)
-        self.modules = [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, sp) for s in self.local_ids]
+        self.modules = self.stage_modules_of(model)
         # NCCL: the first operation on a group must involve all of its ranks (torch's batch_isend_irecv
         # docs), and the schedules' first batched send/recv involves two. One all-reduce creates the pp
         # group's communicator on every rank first.
         dist.all_reduce(torch.zeros(1, device=device), group=groups.pp_group)
-        hidden = torch.empty(micro_batch, seq_len // sp, model.cfg.dim, dtype=dtype, device=device)
-        tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
-        self.hidden_shape, self.hidden_dtype = tuple(hidden.shape), dtype
-        self.stages = []
-        for s, module in zip(self.local_ids, self.modules):
+        self.pcfg, self.n_micro, self.device, self.autocast = pcfg, n_micro, device, autocast
+        self.dim, self.micro_batch, self.seq_len = model.cfg.dim, micro_batch, seq_len
+        self.hidden_shape, self.hidden_dtype = (micro_batch, seq_len // sp, model.cfg.dim), dtype
+        self.stages, self.schedule = self._schedule(self.modules, model.cfg.dim, loss_fn)
+        self.loss_fn = loss_fn
+        self.distill: Optional[List[DistillStage]] = None
+
+    def stage_modules_of(self, model: nn.Module) -> List[StageModule]:
+        """This rank's stages of `model` (the student, or a teacher placed the same way)."""
+        return [StageModule(model, self.layers[s], s == 0, s == self.n_stages - 1, self.seq_shards)
+                for s in self.local_ids]
+
+    def _schedule(self, submodules: List[nn.Module], width: int, loss_fn, logits_width: Optional[int] = None):
+        """PipelineStage wrappers for this rank's stage modules (hidden states `width` wide) and the schedule.
+        `logits_width`: the last stage's output is declared too (static metadata: torch then runs no probe
+        forward/loss at the first step), else inferred."""
+        from torch.distributed.pipelining import PipelineStage
+
+        hidden = torch.empty(self.micro_batch, self.seq_len // self.seq_shards, width, dtype=self.hidden_dtype,
+                             device=self.device)
+        tokens = torch.zeros(self.micro_batch, self.seq_len, dtype=torch.long, device=self.device)
+        if logits_width is not None:  # static metadata says what needs a gradient: the hidden states do
+            hidden.requires_grad_(True)
+        stages = []
+        for s, module in zip(self.local_ids, submodules):
             kwargs = {"input_args": tokens if s == 0 else hidden}
             if s != self.n_stages - 1:
                 kwargs["output_args"] = hidden
+            elif logits_width is not None:
+                with self.autocast():  # the head's output dtype: autocast's, else the parameters'
+                    dtype = (torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type)
+                             else self.hidden_dtype)
+                kwargs["output_args"] = torch.empty(self.micro_batch, self.seq_len, logits_width, dtype=dtype,
+                                                    device=self.device, requires_grad=True)
             # The last stage infers its output (logits) by running once: under the training step's autocast, or
             # its meta says fp32, bf16 logits fail torch's output check on that rank alone, and over NCCL the
             # other stages then wait forever (the "pp hang" of the first 4-GPU runs).
-            with autocast():
-                self.stages.append(PipelineStage(module, s, self.n_stages, device, group=groups.pp_group, **kwargs))
+            with self.autocast():
+                stages.append(PipelineStage(module, s, self.n_stages, self.device, group=self.groups.pp_group,
+                                            **kwargs))
         import torch.distributed.pipelining as pipelining
 
-        cls = getattr(pipelining, SCHEDULE_CLASSES[pcfg.pp_schedule])
-        self.schedule = cls(self.stages[0] if cls.__name__ in ("ScheduleGPipe", "Schedule1F1B") else self.stages,
-                            n_micro, loss_fn=loss_fn)
-        self.loss_fn = loss_fn
+        cls = getattr(pipelining, SCHEDULE_CLASSES[self.pcfg.pp_schedule])
+        schedule = cls(stages[0] if cls.__name__ in ("ScheduleGPipe", "Schedule1F1B") else stages,
+                       self.n_micro, loss_fn=loss_fn)
+        return stages, schedule
+
+    def with_teacher(self, objective) -> "Pipeline":
+        """A pipeline over the same student stages that runs `objective.teacher` (this rank's teacher
+        stages, from stage_modules_of) beside them and trains on the objective (see DistillStage)."""
+        twin = copy.copy(self)
+        twin.distill = [DistillStage(student, teacher, objective, self.dim)
+                        for student, teacher in zip(self.modules, objective.teacher)]
+        twin.objective, twin.ce_values = objective, []
+        # static metadata: a probe forward would take a micro-batch's targets from the stages' queues
+        vocab = next((m.head.weight.shape[0] for m in self.modules if m.last), 0)
+        twin.stages, twin.schedule = self._schedule(twin.distill, 2 * self.dim, twin._distill_loss, 2 * vocab)
+        return twin
+
+    def _distill_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        half = output.shape[-1] // 2
+        out = self.objective.head_loss(output[..., :half], output[..., half:], target)
+        self.ce_values.append(out["ce"].detach().float())
+        return out["loss"]
 
     @property
     def has_first(self) -> bool:
@@ -169,11 +276,26 @@ class Pipeline:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
         """One forward+backward over all micro-batches (x: (n_micro * mb, S)); grads are the mean
-        over micro-batches. Returns the mean loss on the rank holding the last stage, else None."""
+        over micro-batches. Returns the mean loss on the rank holding the last stage, else None
+        (distilling: the mean cross-entropy, the logged loss)."""
         losses: List[torch.Tensor] = []
         args = (x,) if self.has_first else ()
+        if self.distill is not None:  # every stage needs the targets (ignore_index) of each micro-batch
+            self.ce_values = []
+            for stage in self.distill:
+                stage.targets.clear()
+                stage.targets.extend(torch.tensor_split(y, self.n_micro))
         self.schedule.step(*args, target=y if self.has_last else None, losses=losses if self.has_last else None)
-        return torch.stack([loss.detach().float() for loss in losses]).mean() if self.has_last else None
+        if self.distill is not None:  # one forward per micro-batch and stage, one loss per micro-batch
+            left = sum(len(stage.targets) for stage in self.distill)
+            if left or (self.has_last and len(self.ce_values) != self.n_micro):
+                raise RuntimeError(f"pipeline distillation: {left} micro-batch targets unused and "
+                                   f"{len(self.ce_values)} losses for {self.n_micro} micro-batches; the schedule ran "
+                                   f"extra or missing forwards (a probe forward of the stages?)")
+        if not self.has_last:
+            return None
+        kept = self.ce_values if self.distill is not None else [loss.detach().float() for loss in losses]
+        return torch.stack(kept).mean()
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:

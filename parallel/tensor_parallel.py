@@ -285,13 +285,14 @@ def _row(name: str, lin: nn.Linear, ctx: TPContext, rank: int) -> nn.Module:
 
 
 def _tp_forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, output_hidden_states: bool = False):
-    """Llama.forward with a vocab-parallel loss (bound to the instance by `parallelize`)."""
-    if output_hidden_states:
-        raise ValueError("output_hidden_states is not available under tensor parallel")
-    logits = self.head(self.hidden(tokens))  # (B, S, V/tp): the head's pre-hook gathered the tokens
-    if targets is None:
-        return logits
-    return vocab_parallel_cross_entropy(logits, targets, self.embed.vocab_start, self.tp_ctx.group)
+    """Llama.forward with a vocab-parallel loss (bound to the instance by `parallelize`). Hidden states
+    (output_hidden_states) are each block's output as this rank holds it: whole, or under sequence
+    parallel its (B, S/tp, D) token shard."""
+    hidden_states = [] if output_hidden_states else None
+    logits = self.head(self.hidden(tokens, hidden_states))  # (B, S, V/tp): the head's pre-hook gathered the tokens
+    out = logits if targets is None else vocab_parallel_cross_entropy(logits, targets, self.embed.vocab_start,
+                                                                       self.tp_ctx.group)
+    return (out, hidden_states) if output_hidden_states else out
 
 
 def parallelize(model: nn.Module, groups, pcfg) -> nn.Module:

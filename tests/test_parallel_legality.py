@@ -62,11 +62,18 @@ ILLEGAL = [  # (overrides, world size, field, words the message must contain)
     (["parallel.offload_optimizer=cpu"], 2, "parallel.offload_optimizer", "needs zero_stage >= 1"),
     (["parallel.offload_optimizer=cpu", "parallel.zero_stage=1", "parallel.engine=native"], 2, "parallel.engine",
      "engine=deepspeed"),
-    (["parallel.cp=2"], 2, "parallel.cp", "use cp=1"),
+    (["parallel.cp=2", "parallel.pp=2"], 4, "parallel.cp", "use cp=1"),
     (["parallel.ep=2"], 2, "parallel.ep", "needs model.mlp=moe"),
     (["parallel.ep=4", "model.mlp=moe"], 2, "parallel.ep", "dp=2 must be divisible"),
     (["parallel.pp_schedule=bogus"], 1, "parallel.pp_schedule", "allowed: gpipe, 1f1b"),
     (["parallel.zero_stage=4"], 1, "parallel.zero_stage", "allowed: 0, 1, 2, 3"),
+    # N:M fine-tuning: every engine, but whole N:M groups per TP shard and what is not built is refused
+    (["sparsity=nm48", "parallel.tp=2", "model.ffn_dim=136"], 2, "sparsity.m", "shards of 68, which must be whole"),
+    (["sparsity=nm24", "parallel.ep=2", "model.mlp=moe"], 2, "parallel.ep", "N:M fine-tuning with expert parallel"),
+    (["sparsity=nm24", "parallel.tp=2", "parallel.zero_stage=1"], 2, "parallel.tp", "use engine=native"),
+    (["sparsity=nm24", "sparsity.mode=fixed", "parallel.zero_stage=3"], 2, "sparsity.mode", "use mode=srste"),
+    (["sparsity=nm24", "parallel.zero_stage=3", "parallel.offload_param=cpu"], 2, "parallel.offload_param",
+     "offload_param=none"),
 ]
 
 
@@ -89,6 +96,11 @@ def test_illegal_layouts_raise_the_documented_error(overrides, world, field, wor
     (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=2"], 2, "native"),
     (["parallel.pp=2", "parallel.pp_schedule=gpipe", "train.micro_batch_size=8"], 2, "native"),
     (["parallel.ep=2", "model.mlp=moe"], 2, "native"),
+    (["sparsity=nm24", "parallel.tp=2", "parallel.sequence_parallel=true"], 4, "native"),
+    (["sparsity=nm24", "parallel.pp=2", "parallel.zero_stage=1"], 4, "native"),
+    (["sparsity=nm24", "sparsity.mode=fixed", "parallel.tp=2", "parallel.pp=2"], 4, "native"),
+    (["sparsity=nm48", "parallel.tp=2", "model.ffn_dim=136", "sparsity.layers=[*.q_proj]"], 2, "native"),
+    (["sparsity=nm24", "parallel.zero_stage=3", "parallel.offload_optimizer=cpu"], 2, "deepspeed"),
 ])
 def test_legal_layouts_pass_and_pick_an_engine(overrides, world, engine):
     cfg = compose([*TINY, *overrides], run_dir="/tmp/x")

@@ -160,6 +160,8 @@ class Trainer:
         """Collective: rank 0 writes the run state, every rank its engine shards (checkpoint.save)."""
         self.sampler.consumed_samples = self.step * self.cfg.train.global_batch_size
         self._refuse_nonfinite_state()
+        # collective: every rank checks its masks are N:M (never written otherwise), shards join on rank 0
+        sparse_state = self.sparse.state_dict() if self.sparse is not None else None
         files = {}
         if self.rt.is_main:
             rng = {"cpu": torch.get_rng_state()}
@@ -177,9 +179,8 @@ class Trainer:
                 },
                 "config.yaml": OmegaConf.to_yaml(self.cfg),
             }
-            if self.sparse is not None:
-                self.sparse.verify()  # never write a checkpoint whose masks are not N:M
-                files["sparsity.pt"] = self.sparse.state_dict()
+            if sparse_state is not None:
+                files["sparsity.pt"] = sparse_state
         try:
             ckpt.save(self.ckpt_root, self.step, files, self.cfg.checkpoint.keep_last, runtime=self.rt,
                       rank_writer=self.engine.save_checkpoint, run_id=self.run_id)

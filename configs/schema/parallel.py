@@ -20,7 +20,7 @@ class AioConfig:
 class ParallelConfig:
     tp: int = 1  # tensor parallel (Megatron column/row split of attention, MLP, embedding, head)
     pp: int = 1  # pipeline parallel stages (ranks)
-    cp: int = 1  # context parallel (process groups only; no engine splits the sequence yet)
+    cp: int = 1  # context parallel: each sequence split over cp ranks (parallel/context_parallel.py)
     ep: int = 1  # expert parallel (MoE experts sharded over ep ranks, carved out of dp)
     dp: int = -1  # -1: whatever the world size leaves after tp * pp * cp
     sequence_parallel: bool = False  # with tp > 1: norms/residuals sharded along the sequence

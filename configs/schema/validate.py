@@ -134,11 +134,7 @@ def validate(cfg, world_size: Optional[int] = None) -> None:
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ["online", "offline", "disabled"])
     _positive("logging.log_every", cfg.logging.log_every)
     _logging(cfg.logging)
-    if cfg.sparsity.enabled:
-        p = cfg.parallel
-        if p.tp > 1 or p.pp > 1 or p.ep > 1 or p.zero_stage > 0:
-            raise ConfigError("sparsity", "N:M fine-tuning runs on the data-parallel engine: set parallel.tp=1, "
-                              "parallel.pp=1, parallel.ep=1, parallel.zero_stage=0 (DDP over any number of ranks)")
+    if cfg.sparsity.enabled:  # which layouts it runs on: parallel/legality.py (_sparsity)
         try:
             _sparsity(cfg.sparsity)
         except ValueError as err:

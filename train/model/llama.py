@@ -85,12 +85,17 @@ class Llama(nn.Module):
         losses = [m.aux_loss for m in self.modules() if m is not self and getattr(m, "aux_loss", None) is not None]
         return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
+    def rope_tables(self, s: int):
+        """cos, sin (s, head_dim / 2) of the positions of a forward's s tokens: 0 .. s-1 (context
+        parallel rebinds this on the instance to the global positions of its sequence shard)."""
+        return self.rope_cos[:s], self.rope_sin[:s]
+
     def hidden(self, tokens: torch.Tensor, hidden_states: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """Final normed hidden states (B, S, dim); appends each block's output to hidden_states."""
         s = tokens.shape[1]
         if s > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {s} > model.max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        cos, sin = self.rope_tables(s)
         x = self.embed(tokens)
         for block in self.layers:
             x = block(x, cos, sin)

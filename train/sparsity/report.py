@@ -5,20 +5,21 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .sparsify import NMSparseLinear, select_layers
+from .sparsify import NMMasked, named_modules, select_layers
 
 
 def _effective(module: nn.Module) -> torch.Tensor:
-    return module.effective_weight() if isinstance(module, NMSparseLinear) else module.weight.detach()
+    return module.effective_weight() if isinstance(module, NMMasked) else module.weight.detach()
 
 
 @torch.no_grad()
 def verify_nm(model: nn.Module, n: int, m: int, layers: Optional[Iterable[str]] = None) -> int:
     """Raise ValueError naming the first layer whose weight has more than n nonzeros in some
     group of m consecutive inputs (or whose mask does not keep exactly n). Checks every
-    NMSparseLinear, plus the nn.Linear layers matching `layers` patterns (after finalize()).
+    N:M layer (NMSparseLinear or a sparse tensor-parallel shard), plus the nn.Linear layers matching
+    `layers` patterns (after finalize()). `model`: a module or a list of them (pipeline stages).
     Returns the number of layers checked."""
-    targets = {name: mod for name, mod in model.named_modules() if isinstance(mod, NMSparseLinear)}
+    targets = {name: mod for name, mod in named_modules(model).items() if isinstance(mod, NMMasked)}
     if layers is not None:
         targets.update(select_layers(model, list(layers)))
     if not targets:
@@ -35,11 +36,18 @@ def verify_nm(model: nn.Module, n: int, m: int, layers: Optional[Iterable[str]] 
                 f"verify_nm: layer {name} violates {n}:{m}: row {row}, inputs {group * m}..{group * m + m - 1} "
                 f"have {nonzeros[row, group].item()} nonzeros ({len(bad)} bad groups in this layer)"
             )
-        if isinstance(mod, NMSparseLinear):
-            kept = mod.weight_mask.reshape(-1, m).sum(-1)
-            if not (kept == n).all():
-                raise ValueError(f"verify_nm: layer {name} mask keeps {sorted(set(kept.tolist()))} of {m}, expected exactly {n}")
+        if isinstance(mod, NMMasked):
+            check_mask(name, mod.weight_mask, n, m)
     return len(targets)
+
+
+def check_mask(name: str, mask: torch.Tensor, n: int, m: int) -> None:
+    """ValueError unless bool `mask` keeps exactly n of every m consecutive inputs."""
+    if mask.shape[-1] % m:
+        raise ValueError(f"verify_nm: layer {name} mask has {mask.shape[-1]} inputs, not divisible by m={m}")
+    kept = mask.reshape(-1, m).sum(-1)
+    if not (kept == n).all():
+        raise ValueError(f"verify_nm: layer {name} mask keeps {sorted(set(kept.tolist()))} of {m}, expected exactly {n}")
 
 
 @torch.no_grad()
@@ -47,18 +55,18 @@ def sparsity_report(model: nn.Module) -> Dict[str, dict]:
     """Per weight-bearing layer (linear and embedding): shape, zeros, sparsity, N:M pattern."""
     report: Dict[str, dict] = {}
     seen = {}
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Embedding)):
+    for name, mod in named_modules(model).items():
+        if not isinstance(mod, (nn.Linear, nn.Embedding, NMMasked)):
             continue
         w = _effective(mod)
         zeros = int((w == 0).sum())
         report[name] = {
-            "type": "nm_sparse" if isinstance(mod, NMSparseLinear) else type(mod).__name__,
+            "type": "nm_sparse" if isinstance(mod, NMMasked) else type(mod).__name__,
             "shape": tuple(w.shape),
             "numel": w.numel(),
             "zeros": zeros,
             "sparsity": zeros / max(w.numel(), 1),
-            "pattern": f"{mod.n}:{mod.m}" if isinstance(mod, NMSparseLinear) else "dense",
+            "pattern": f"{mod.n}:{mod.m}" if isinstance(mod, NMMasked) else "dense",
             "tied_to": seen.get(id(mod.weight)),
         }
         seen.setdefault(id(mod.weight), name)

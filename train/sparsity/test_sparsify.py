@@ -187,3 +187,49 @@ def test_wanda_norms_and_masks(tiny_llama):
     expected = nm_mask(w_before, 2, 4, scores=w_before.abs() * hand[None, :])
     assert torch.equal(model.layers[1].mlp.down_proj.weight_mask, expected)
     assert not torch.equal(expected, nm_mask(w_before, 2, 4))  # Wanda differs from magnitude here
+
+
+def test_layers_turn_sparse_in_place_keeping_hooks_and_gathering_full_weights(tiny_llama):
+    """Engines wrap the model before the recipe attaches (ZeRO-3 hooks on these very modules): the
+    layers stay the same objects, their hooks keep running, and masks are computed inside
+    `full_params` one layer at a time."""
+    import contextlib
+
+    model = tiny_llama()
+    layer = model.layers[0].attn.q_proj
+    seen = []
+    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod))
+    entered = []
+
+    @contextlib.contextmanager
+    def full_params(params):
+        entered.append(len(params))
+        yield
+
+    sp = Sparsifier(model, SparsityConfig(), full_params=full_params)
+    assert model.layers[0].attn.q_proj is layer and isinstance(layer, NMSparseLinear)
+    sp.init_masks()
+    assert entered == [1] * len(sp.layers)
+    model(_tokens(0)[0])
+    assert seen == [layer]
+    sp.finalize()
+    assert type(layer) is nn.Linear and model.layers[0].attn.q_proj is layer and not hasattr(layer, "weight_mask")
+
+
+def test_srste_decay_inside_backward_equals_decay_added_to_grad(tiny_llama):
+    """DeepSpeed keeps gradients in its own buffers: the decay goes into each micro-batch's backward,
+    decay / n each, and the step's gradient must be the one the .grad path gives."""
+    grads = []
+    for decay, in_backward in ((0.05, False), (0.05, True), (0.0, False)):
+        model = tiny_llama()
+        sp = Sparsifier(model, SparsityConfig(srste_decay=decay))
+        sp.init_masks()
+        if in_backward:
+            sp.decay_in_backward(3)
+        for i in range(3):
+            (model(*_tokens(i)) / 3).backward()
+        sp.before_optimizer_step()
+        grads.append({name: layer.weight.grad.clone() for name, layer in sp.layers.items()})
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-5, atol=1e-7)
+        assert (want - grads[2][name]).abs().max() > 1e-4  # the decay is there (vs no decay)

@@ -20,12 +20,15 @@ def collect_input_norms(
     layers: Dict[str, nn.Module],
     batches: Iterable,
     forward_fn: Optional[Callable[[nn.Module, object], None]] = None,
+    group=None,
 ) -> Dict[str, torch.Tensor]:
     """||X_j||_2 per input feature (float32, shape (in_features,)) for each named layer.
 
     `batches`: token tensors (or (tokens, targets) tuples); `forward_fn(model, batch)` runs one
     forward if the default `model(tokens)` does not fit. Under torch.distributed the squared
-    sums are all-reduced, so every rank derives the same masks from different batches."""
+    sums are all-reduced over `group` (default: the world; with tensor or pipeline parallel, the
+    data-parallel group, whose ranks hold the same layers), so every rank derives the same masks
+    from different batches."""
     forward_fn = forward_fn or _default_forward
     sumsq: Dict[str, torch.Tensor] = {}
     handles = []
@@ -55,7 +58,7 @@ def collect_input_norms(
         raise ValueError(f"collect_input_norms: calibration forward never reached layers {missing}")
     if dist.is_available() and dist.is_initialized():
         for name in sorted(sumsq):
-            dist.all_reduce(sumsq[name])
+            dist.all_reduce(sumsq[name], group=group)
     return {name: s.sqrt() for name, s in sumsq.items()}
 
 

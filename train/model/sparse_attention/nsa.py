@@ -11,6 +11,11 @@ layer input:
   window: the last `window` tokens.
 Selection is at query-block granularity (one list per block of select_block queries) rather than
 per token: that is what lets the selected branch run as dense tiles on the block-sparse kernel.
+
+Queries starting at q_offset > 0 (context parallel's chunks; a multiple of both block sizes) take
+the keys of the whole prefix: the compressed keys are pooled over the prefix, block lists count
+blocks from position 0, and every key position is shifted by -q_offset for the kernels (their
+masks compare a key's position with the query's position counted from the first query).
 """
 
 import torch
@@ -19,13 +24,15 @@ from torch import nn
 from sparsetron.kernels.sparse_attention.function import ALLOWED_BLOCKS, sparse_attention_core
 from sparsetron.kernels.sparse_attention.reference import reference_block_sparse_attention
 from sparsetron.kernels.sparse_attention.selection import (
+    _finish_topk,
     cmp_scores,
     cmp_scores_reference,
+    cmp_to_select_weights,
     compressed_block_lists,
     nsa_select,
     window_block_lists,
 )
-from sparsetron.train.model.attention import SelfAttention
+from sparsetron.train.model.attention import SelfAttention, check_prefix
 
 COMPRESS_KINDS = ("mean", "learned")
 
@@ -67,6 +74,7 @@ class NSAAttention(SelfAttention):
             self.k_compress = nn.Parameter(torch.zeros(self.n_kv_heads, self.cmp_block))
             self.v_compress = nn.Parameter(torch.zeros(self.n_kv_heads, self.cmp_block))
         self.use_reference = False  # run every piece in plain PyTorch (tests, debugging)
+        self.q_offset_multiple = max(self.block, self.sel_block)  # both powers of two
 
     def compress(self, k: torch.Tensor, v: torch.Tensor):
         """(B, Hkv, S, D) -> (B, Hkv, NC, D) with NC = (S - cmp_block) // stride + 1 (0 if S short)."""
@@ -86,35 +94,47 @@ class NSAAttention(SelfAttention):
             return reference_block_sparse_attention(q, k, v, idx, cnt, block, **kw)
         return sparse_attention_core(q, k, v, idx, cnt, block, deterministic=self.deterministic, **kw)
 
-    def branches(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """(o_cmp, o_slc, o_win, selected idx, count); each output (B, Hq, S, D)."""
+    def branches(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0):
+        """(o_cmp, o_slc, o_win, selected idx, count); each output (B, Hq, Sq, D). Queries sit at
+        positions q_offset.., keys at 0 .. q_offset + Sq - 1 (see SelfAttention.attend)."""
+        if q_offset:
+            check_prefix(q, k, q_offset, self.q_offset_multiple)
         s = q.shape[2]
+        end = q_offset + s  # positions the keys cover
+        first = q_offset // self.sel_block  # query blocks of the prefix: their lists are dropped
         scale = self.head_dim ** -0.5
         k_cmp, v_cmp = self.compress(k, v)
         n_cmp = k_cmp.shape[2]
-        key_place = dict(key_stride=self.cmp_stride, key_offset=self.cmp_block - 1, sm_scale=scale)
+        # compressed key c ends at c*stride + cmp_block - 1; the kernels count positions from the first query
+        key_end = self.cmp_block - q_offset
+        key_place = dict(key_stride=self.cmp_stride, key_offset=key_end - 1, sm_scale=scale)
         if n_cmp > 0:
-            c_idx, c_cnt = compressed_block_lists(s, n_cmp, self.sel_block, self.cmp_stride, self.cmp_block, q.device)
-            c_idx = c_idx.expand(q.shape[0], self.n_kv_heads, -1, -1)
-            c_cnt = c_cnt.expand(q.shape[0], self.n_kv_heads, -1)
+            c_idx, c_cnt = compressed_block_lists(end, n_cmp, self.sel_block, self.cmp_stride, self.cmp_block, q.device)
+            c_idx = c_idx[:, :, first:].expand(q.shape[0], self.n_kv_heads, -1, -1)
+            c_cnt = c_cnt[:, :, first:].expand(q.shape[0], self.n_kv_heads, -1)
             o_cmp, lse_cmp = self._core(q, k_cmp, v_cmp, c_idx, c_cnt, self.sel_block, **key_place)
             with torch.no_grad():
                 score_fn = cmp_scores_reference if self.use_reference else cmp_scores
-                imp = score_fn(q.detach(), k_cmp.detach(), lse_cmp, self.sel_block, self.cmp_stride, self.cmp_block, scale)
+                imp = score_fn(q.detach(), k_cmp.detach(), lse_cmp, self.sel_block, self.cmp_stride, key_end, scale)
         else:
             o_cmp = torch.zeros_like(q)
             imp = q.new_zeros(q.shape[0], self.n_kv_heads, -(-s // self.sel_block), 1, dtype=torch.float32)
-        idx, cnt = nsa_select(imp, s, self.sel_block, self.cmp_stride, self.cmp_block, self.n_select)
-        o_slc, _ = self._core(q, k, v, idx, cnt, self.sel_block, sm_scale=scale)
-        w_idx, w_cnt = window_block_lists(s, self.block, self.window, q.device)
-        w_idx = w_idx.expand(q.shape[0], self.n_kv_heads, -1, -1)
-        w_cnt = w_cnt.expand(q.shape[0], self.n_kv_heads, -1)
-        o_win, _ = self._core(q, k, v, w_idx, w_cnt, self.block, window=self.window, sm_scale=scale)
+        if q_offset == 0:
+            idx, cnt = nsa_select(imp, s, self.sel_block, self.cmp_stride, self.cmp_block, self.n_select)
+        else:
+            idx, cnt = nsa_select_at(imp, first, -(-end // self.sel_block), self.sel_block, self.cmp_stride,
+                                     self.cmp_block, self.n_select)
+        o_slc, _ = self._core(q, k, v, idx, cnt, self.sel_block, sm_scale=scale, key_offset=-q_offset)
+        w_idx, w_cnt = window_block_lists(end, self.block, self.window, q.device)
+        w_idx = w_idx[:, :, q_offset // self.block:].expand(q.shape[0], self.n_kv_heads, -1, -1)
+        w_cnt = w_cnt[:, :, q_offset // self.block:].expand(q.shape[0], self.n_kv_heads, -1)
+        o_win, _ = self._core(q, k, v, w_idx, w_cnt, self.block, window=self.window, sm_scale=scale,
+                              key_offset=-q_offset)
         return o_cmp, o_slc, o_win, idx, cnt
 
-    def attend_gated(self, q, k, v, gates):
-        """gates (B, Hq, S, 3) in [0, 1]."""
-        o_cmp, o_slc, o_win, _, _ = self.branches(q, k, v)
+    def attend_gated(self, q, k, v, gates, q_offset: int = 0):
+        """gates (B, Hq, Sq, 3) in [0, 1]."""
+        o_cmp, o_slc, o_win, _, _ = self.branches(q, k, v, q_offset)
         g = gates.to(q.dtype)
         return g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_win
 
@@ -122,15 +142,21 @@ class NSAAttention(SelfAttention):
         b, s, _ = x.shape
         q, k, v = self.qkv(x, cos, sin)
         gates = torch.sigmoid(self.gate_proj(x).float()).view(b, s, self.n_heads, 3).transpose(1, 2)
-        if self.checkpoint_core and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            o = checkpoint(self.attend_gated, q, k, v, gates, use_reentrant=False)
-        else:
-            o = self.attend_gated(q, k, v, gates)
+        o = self.run_core(self.attend_gated, q, k, v, gates)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, q_offset: int = 0):
         """Ungated use (all gates 1), for callers that only have q, k, v."""
-        o_cmp, o_slc, o_win, _, _ = self.branches(q, k, v)
+        o_cmp, o_slc, o_win, _, _ = self.branches(q, k, v, q_offset)
         return o_cmp + o_slc + o_win
+
+
+def nsa_select_at(imp: torch.Tensor, first_block: int, n_kv_blocks: int, sel_block: int, stride: int,
+                  cmp_block: int, n_select: int, n_local: int = 2):
+    """`nsa_select` for query blocks first_block .. first_block + NQB - 1 of the keys' grid, choosing
+    among the n_kv_blocks selection blocks of the prefix (imp: (B, Hkv, NQB, NC) for those blocks)."""
+    w = cmp_to_select_weights(imp.shape[-1], n_kv_blocks, stride, cmp_block, sel_block, imp.device)
+    scores = torch.matmul(imp.float(), w)
+    i = first_block + torch.arange(imp.shape[2], device=imp.device)[:, None]
+    j = torch.arange(n_kv_blocks, device=imp.device)[None, :]
+    return _finish_topk(scores, n_select, (j == 0) | ((i - j) < n_local), j <= i)
